@@ -3,8 +3,16 @@
 //!
 //! The data path reads top to bottom: [`client`] (listener, TLS, authentication) →
 //! [`session`] (the relay loop) → [`backend`] (connect and log in). The control plane
-//! sits beside it.
+//! sits beside it and talks to the data path through [`server::Proxy`].
 
 pub mod auth;
+pub mod cli;
+pub mod demo;
+pub mod backend;
+pub mod client;
 pub mod config;
+pub mod net;
 pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod tls;

@@ -1,0 +1,128 @@
+//! From the first byte to an authenticated client: SSLRequest / GSSENCRequest
+//! negotiation, CancelRequest, protocol version negotiation, StartupMessage checks,
+//! the connection limit, and authentication, all within `client_login_timeout`.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+use super::Login;
+use crate::config::ClientTlsMode;
+use crate::net::Stream;
+use crate::protocol::read::{read_startup_packet, ReadError};
+use crate::protocol::startup::{self, CancelKey, StartupPacket, PROTOCOL_3_0};
+use crate::protocol::{sqlstate, write, PgError};
+use crate::server::Proxy;
+use crate::session::fail;
+
+pub enum Accepted {
+    Login(Login),
+    Cancel(CancelKey),
+}
+
+/// Runs the handshake. Returns `None` when the connection ended (the client was told
+/// why, where a client can be told).
+pub async fn accept(proxy: &Arc<Proxy>, stream: Stream, peer: String) -> Option<Accepted> {
+    let timeout = proxy.config().proxy.client_login_timeout;
+    // The stream lives in this slot rather than in the timed future, so that a
+    // client that stalls can still be told why it is dropped.
+    let mut slot = Some(stream);
+    let outcome = tokio::time::timeout(timeout, negotiate(proxy, &mut slot, &peer)).await;
+    let result = match outcome {
+        Ok(r) => r,
+        Err(_) => Err(Some(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "timeout during startup and authentication"))),
+    };
+    match result {
+        Ok(Step::Cancel(key)) => Some(Accepted::Cancel(key)),
+        Ok(Step::Login(parts)) => {
+            let stream = slot.take()?;
+            Some(Accepted::Login(parts.into_login(stream, peer)))
+        }
+        Err(err) => {
+            if let (Some(err), Some(stream)) = (err, slot.as_mut()) {
+                tracing::info!(%peer, error = %err, "client refused");
+                fail(stream, &err).await;
+            }
+            None
+        }
+    }
+}
+
+enum Step {
+    Cancel(CancelKey),
+    /// The login without its stream and peer, which `accept` fills in.
+    Login(LoginParts),
+}
+
+struct LoginParts {
+    startup: startup::StartupMessage,
+    creds: crate::auth::BackendCredentials,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl LoginParts {
+    fn into_login(self, stream: Stream, peer: String) -> Login {
+        Login { stream, startup: self.startup, creds: self.creds, peer, permit: self.permit }
+    }
+}
+
+/// `Err(None)`: the connection is gone or must end silently; `Err(Some(e))`: tell the
+/// client `e` and end.
+async fn negotiate(proxy: &Arc<Proxy>, slot: &mut Option<Stream>, peer: &str) -> Result<Step, Option<PgError>> {
+    let config = proxy.config();
+    let read_err = |e: ReadError| match e {
+        ReadError::Protocol(p) => Some(p),
+        ReadError::Closed | ReadError::Io(_) => None,
+    };
+    loop {
+        let stream = slot.as_mut().ok_or(None)?;
+        let packet = read_startup_packet(stream).await.map_err(read_err)?;
+        match startup::parse(&packet).map_err(Some)? {
+            StartupPacket::SslRequest => {
+                let tls = proxy.client_tls();
+                let offer = matches!(stream, Stream::Tcp(_)) && tls.is_some() && config.proxy.tls_mode != ClientTlsMode::Disable;
+                stream.write_all(if offer { b"S" } else { b"N" }).await.map_err(|_| None)?;
+                if let (true, Some(tls)) = (offer, tls) {
+                    let Some(Stream::Tcp(tcp)) = slot.take() else { return Err(None) };
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+                    match acceptor.accept(tcp).await {
+                        Ok(s) => *slot = Some(Stream::ServerTls(Box::new(s))),
+                        Err(e) => {
+                            tracing::info!(%peer, error = %e, "client TLS handshake failed");
+                            return Err(None);
+                        }
+                    }
+                }
+            }
+            StartupPacket::GssEncRequest => {
+                stream.write_all(b"N").await.map_err(|_| None)?;
+            }
+            StartupPacket::Cancel(key) => return Ok(Step::Cancel(key)),
+            StartupPacket::Startup(msg) => {
+                if config.proxy.tls_mode == ClientTlsMode::Require && matches!(stream, Stream::Tcp(_)) {
+                    return Err(Some(PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "SSL required")));
+                }
+                if msg.minor_version > 0 || !msg.unsupported_options.is_empty() {
+                    let mut buf = BytesMut::new();
+                    write::negotiate_protocol_version(&mut buf, PROTOCOL_3_0 as i32, &msg.unsupported_options);
+                    stream.write_all(&buf).await.map_err(|_| None)?;
+                }
+                if msg.get("replication").is_some_and(|v| !matches!(v, "false" | "off" | "no" | "0")) {
+                    return Err(Some(PgError::fatal(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "replication connections are not supported through pgcutover",
+                    )));
+                }
+                let permit = proxy.client_slots().try_acquire_owned().map_err(|_| {
+                    Some(PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already"))
+                })?;
+                let creds = super::auth::authenticate(proxy, stream, msg.user()).await?;
+                let mut ok = BytesMut::new();
+                write::auth_ok(&mut ok);
+                stream.write_all(&ok).await.map_err(|_| None)?;
+                return Ok(Step::Login(LoginParts { startup: msg, creds, permit }));
+            }
+        }
+    }
+}

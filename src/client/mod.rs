@@ -1,0 +1,34 @@
+//! The client side: accept connections, negotiate TLS, read the startup packet,
+//! authenticate, and hand a logged-in client to a session.
+
+mod auth;
+mod handshake;
+pub mod listener;
+
+use std::sync::Arc;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::auth::BackendCredentials;
+use crate::net::Stream;
+use crate::protocol::startup::StartupMessage;
+use crate::server::Proxy;
+
+/// A client that has authenticated and waits for its backend.
+pub struct Login {
+    pub stream: Stream,
+    pub startup: StartupMessage,
+    pub creds: BackendCredentials,
+    pub peer: String,
+    /// Holds one of `max_client_connections` until the session ends.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Serves one accepted connection from its first byte to its end.
+pub async fn handle(proxy: Arc<Proxy>, stream: Stream, peer: String) {
+    match handshake::accept(&proxy, stream, peer).await {
+        Some(handshake::Accepted::Login(login)) => crate::session::run(proxy, login).await,
+        Some(handshake::Accepted::Cancel(key)) => proxy.cancel(key).await,
+        None => {}
+    }
+}

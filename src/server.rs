@@ -1,0 +1,158 @@
+//! The running proxy: its shared state and its start.
+//!
+//! Sessions read the configuration, users, TLS and the active backend through the
+//! `ArcSwap`s here: a reload or a repoint is one atomic store, and a session that
+//! already started keeps what it loaded.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rand::RngCore;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::auth::Users;
+use crate::backend::BackendTarget;
+use crate::config::Config;
+use crate::protocol::startup::CancelKey;
+use crate::session::registry::Registry;
+use crate::tls::ServerTls;
+
+pub struct Proxy {
+    config: ArcSwap<Config>,
+    users: ArcSwap<Users>,
+    backends: ArcSwap<HashMap<String, Arc<BackendTarget>>>,
+    active: ArcSwap<BackendTarget>,
+    client_tls: ArcSwapOption<ServerTls>,
+    client_slots: Arc<Semaphore>,
+    pub sessions: Arc<Registry>,
+    mock_secret: [u8; 32],
+}
+
+fn build_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<BackendTarget>>> {
+    config
+        .backends
+        .iter()
+        .map(|(name, b)| Ok((name.clone(), Arc::new(BackendTarget::new(name, b).with_context(|| format!("backend {name}"))?))))
+        .collect()
+}
+
+fn build_tls(config: &Config) -> anyhow::Result<Option<Arc<ServerTls>>> {
+    match (&config.proxy.tls_cert, &config.proxy.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(Arc::new(crate::tls::server_tls(cert, key)?))),
+        _ => Ok(None),
+    }
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> anyhow::Result<Proxy> {
+        let backends = build_backends(&config)?;
+        let active = backends
+            .get(&config.cutover.active)
+            .cloned()
+            .with_context(|| format!("no backend named {}", config.cutover.active))?;
+        let mut mock_secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut mock_secret);
+        Ok(Proxy {
+            users: ArcSwap::from_pointee(Users::from_config(&config.auth)),
+            client_tls: ArcSwapOption::new(build_tls(&config)?),
+            client_slots: Arc::new(Semaphore::new(config.proxy.max_client_connections)),
+            backends: ArcSwap::from_pointee(backends),
+            active: ArcSwap::new(active),
+            config: ArcSwap::from_pointee(config),
+            sessions: Arc::new(Registry::default()),
+            mock_secret,
+        })
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn users(&self) -> Arc<Users> {
+        self.users.load_full()
+    }
+
+    pub fn client_tls(&self) -> Option<Arc<ServerTls>> {
+        self.client_tls.load_full()
+    }
+
+    pub fn client_slots(&self) -> Arc<Semaphore> {
+        self.client_slots.clone()
+    }
+
+    pub fn active_backend(&self) -> Arc<BackendTarget> {
+        self.active.load_full()
+    }
+
+    pub fn backend(&self, name: &str) -> Option<Arc<BackendTarget>> {
+        self.backends.load().get(name).cloned()
+    }
+
+    pub fn mock_secret(&self) -> &[u8] {
+        &self.mock_secret
+    }
+
+    /// Forwards a client's CancelRequest to wherever its session runs now. A key
+    /// that matches no session cancels nothing, silently, as in PostgreSQL.
+    pub async fn cancel(&self, key: CancelKey) {
+        match self.sessions.lookup_cancel(key) {
+            Some(link) => link.target.cancel(link.key).await,
+            None => tracing::info!(pid = key.pid, "cancel request with an unknown key ignored"),
+        }
+    }
+}
+
+/// A started proxy: where it listens, and how to stop it.
+pub struct ProxyHandle {
+    pub proxy: Arc<Proxy>,
+    pub tcp_addr: SocketAddr,
+    pub socket_path: Option<PathBuf>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting connections (sessions already running go on).
+    pub async fn stop_accepting(&mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        if let Some(path) = &self.socket_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds the listeners and starts accepting.
+pub async fn start(config: Config) -> anyhow::Result<ProxyHandle> {
+    let listen = config.proxy.listen;
+    let proxy = Arc::new(Proxy::new(config)?);
+    let tcp = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let tcp_addr = tcp.local_addr()?;
+    let (shutdown, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(crate::client::listener::accept_tcp(proxy.clone(), tcp, rx.clone()));
+
+    let socket_path = proxy.config().socket_path(tcp_addr.port());
+    if let Some(path) = &socket_path {
+        let dir = path.parent().context("socket path has no directory")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict {}", dir.display()))?;
+        // A socket file left by a previous run that crashed would block the bind.
+        if path.exists() {
+            std::fs::remove_file(path).with_context(|| format!("cannot remove stale {}", path.display()))?;
+        }
+        let unix = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+        tasks.spawn(crate::client::listener::accept_unix(proxy.clone(), unix, rx.clone()));
+    }
+    tracing::info!(%tcp_addr, socket = ?socket_path, active = %proxy.active_backend().name, "pgcutover listening");
+    Ok(ProxyHandle { proxy, tcp_addr, socket_path, shutdown, tasks })
+}
