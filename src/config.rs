@@ -238,16 +238,10 @@ impl Config {
             if !seen.insert(user.name.as_str()) {
                 return invalid(format!("user {:?} is listed twice", user.name));
             }
-            let secret = match &user.password {
-                Some(p) => Secret::parse(p).map_err(|e| ConfigError::Invalid(format!("user {:?}: {e}", user.name)))?,
-                None if self.auth.method == AuthMethod::Trust => continue,
-                None => return invalid(format!("user {:?} needs a password", user.name)),
-            };
-            if self.auth.method == AuthMethod::Md5 && matches!(secret, Secret::Scram(_)) {
-                return invalid(format!(
-                    "user {:?}: method md5 needs a plaintext or md5 password, not a SCRAM verifier",
-                    user.name
-                ));
+            if let Some(p) = &user.password {
+                Secret::parse(p).map_err(|e| ConfigError::Invalid(format!("user {:?}: {e}", user.name)))?;
+            } else if self.auth.method != AuthMethod::Trust {
+                return invalid(format!("user {:?} needs a password", user.name));
             }
         }
         for (name, b) in &self.backends {

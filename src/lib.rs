@@ -10,6 +10,7 @@ pub mod cli;
 pub mod demo;
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod net;
 pub mod protocol;
