@@ -36,12 +36,16 @@ impl Certs {
         let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, "localhost");
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-        let dir = tempfile::Builder::new().prefix("pgcutover-certs-").tempdir().unwrap().keep();
-        let certs = Certs { ca_pem: ca.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem(), dir };
-        std::fs::write(certs.ca_path(), &certs.ca_pem).unwrap();
-        std::fs::write(certs.cert_path(), &certs.cert_pem).unwrap();
-        std::fs::write(certs.key_path(), &certs.key_pem).unwrap();
-        certs
+        Certs { ca_pem: ca.pem(), cert_pem: cert.pem(), key_pem: key.serialize_pem(), dir: PathBuf::new() }
+    }
+
+    /// Writes the files into `dir` (a cluster's directory, removed with it).
+    fn write_to(&mut self, dir: &std::path::Path) {
+        self.dir = dir.join("test-certs");
+        std::fs::create_dir_all(&self.dir).unwrap();
+        std::fs::write(self.ca_path(), &self.ca_pem).unwrap();
+        std::fs::write(self.cert_path(), &self.cert_pem).unwrap();
+        std::fs::write(self.key_path(), &self.key_pem).unwrap();
     }
     pub fn ca_path(&self) -> PathBuf {
         self.dir.join("ca.pem")
@@ -81,7 +85,7 @@ pub fn fixture() -> &'static Fixture {
 fn setup() -> Fixture {
     {
         let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("PGCUTOVER_LOG").unwrap_or_else(|_| "warn".into())).with_test_writer().try_init();
-        let certs = Certs::generate();
+        let mut certs = Certs::generate();
         let options = ClusterOptions {
             hba: vec![
                 "host all md5user 127.0.0.1/32 md5".into(),
@@ -92,6 +96,7 @@ fn setup() -> Fixture {
             ..Default::default()
         };
         let pair = Pair::start(&options).expect("start the blue/green clusters");
+        certs.write_to(pair.blue.socket_dir());
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let verifier = rt.block_on(async {
             for c in [&pair.blue, &pair.green] {
