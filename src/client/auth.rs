@@ -111,6 +111,24 @@ async fn scram(proxy: &Arc<Proxy>, stream: &mut Stream, user: &str, verifier: &S
     send(stream, &buf).await?;
 
     let body = read_password_message(stream).await?;
+    let (client_first, server_first, waiting) = on_initial_response(&server, mechanisms, verifier, body)?;
+    buf.clear();
+    write::auth_sasl_continue(&mut buf, server_first.as_bytes());
+    send(stream, &buf).await?;
+
+    let body = read_password_message(stream).await?;
+    let (server_final, keys) = on_final_response(&waiting, verifier, user, &client_first, &server_first, &body)?;
+    buf.clear();
+    write::auth_sasl_final(&mut buf, server_final.as_bytes());
+    send(stream, &buf).await?;
+    Ok(keys)
+}
+
+type Waiting = pgwire::api::auth::sasl::scram::ScramServerAuthWaitingForClientFinal;
+
+/// SASLInitialResponse → (client-first, server-first, state). Every byte of `body`
+/// comes from the client: lengths are checked before pgwire parses anything.
+fn on_initial_response(server: &ScramServerAuth, mechanisms: &[&str], verifier: &ScramVerifier, body: BytesMut) -> AuthResult<(String, String, Waiting)> {
     let (mechanism, client_first) = parse_sasl_initial_response(body).map_err(|e| match e {
         ReadError::Protocol(p) => Some(p),
         _ => None,
@@ -128,21 +146,37 @@ async fn scram(proxy: &Arc<Proxy>, stream: &mut Stream, user: &str, verifier: &S
     let (server_first, waiting) = server
         .on_client_first_message_with_secret(client_first.as_bytes(), verifier.to_pgwire())
         .map_err(|e| malformed(&e.to_string()))?;
-    buf.clear();
-    write::auth_sasl_continue(&mut buf, server_first.as_bytes());
-    send(stream, &buf).await?;
+    Ok((client_first, server_first, waiting))
+}
 
-    let client_final = read_password_message(stream).await?;
-    let client_final = std::str::from_utf8(&client_final).map_err(|_| malformed("not UTF-8"))?.to_owned();
+/// SASLResponse (client-final) → (server-final, the client's recovered keys).
+fn on_final_response(
+    waiting: &Waiting,
+    verifier: &ScramVerifier,
+    user: &str,
+    client_first: &str,
+    server_first: &str,
+    body: &[u8],
+) -> AuthResult<(String, crate::auth::ScramKeys)> {
+    let client_final = std::str::from_utf8(body).map_err(|_| malformed("not UTF-8"))?;
     match waiting.on_client_final_message(client_final.as_bytes()) {
         Ok(server_final) => {
-            let keys = verifier.recover_keys(&client_first, &server_first, &client_final).ok_or_else(|| wrong_password(user))?;
-            buf.clear();
-            write::auth_sasl_final(&mut buf, server_final.as_bytes());
-            send(stream, &buf).await?;
-            Ok(keys)
+            let keys = verifier.recover_keys(client_first, server_first, client_final).ok_or_else(|| wrong_password(user))?;
+            Ok((server_final, keys))
         }
         Err(PgWireError::InvalidPassword(_)) => Err(wrong_password(user)),
         Err(e) => Err(malformed(&e.to_string())),
+    }
+}
+
+/// Entry points for the fuzz targets: the client leg's SCRAM parsing, no socket.
+pub mod fuzzing {
+    use super::*;
+
+    pub fn scram_exchange(verifier: &ScramVerifier, initial: &[u8], last: &[u8]) {
+        let server = ScramServerAuth::new();
+        if let Ok((first, server_first, waiting)) = on_initial_response(&server, &["SCRAM-SHA-256"], verifier, BytesMut::from(initial)) {
+            let _ = on_final_response(&waiting, verifier, "fuzz", &first, &server_first, last);
+        }
     }
 }

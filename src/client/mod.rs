@@ -2,6 +2,7 @@
 //! authenticate, and hand a logged-in client to a session.
 
 mod auth;
+pub use auth::fuzzing;
 mod handshake;
 pub mod listener;
 

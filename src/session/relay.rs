@@ -160,3 +160,36 @@ where
         info.bytes_out.fetch_add(pos as u64, Ordering::Relaxed);
     }
 }
+
+/// A session to run the pumps with, for the fuzz targets: registered, with a backend
+/// that is never connected.
+pub mod fuzzing {
+    use std::sync::Arc;
+
+    use crate::backend::BackendTarget;
+    use crate::config::BackendConfig;
+    use crate::protocol::startup::CancelKey;
+    use crate::session::registry::{BackendLink, NewSession, Registry, SessionGuard};
+
+    pub fn session() -> SessionGuard {
+        let config = BackendConfig {
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: crate::config::BackendTlsMode::Disable,
+            tls_ca: None,
+            connect_timeout: std::time::Duration::from_secs(1),
+        };
+        let target = match BackendTarget::new("fuzz", &config) {
+            Ok(t) => Arc::new(t),
+            Err(e) => panic!("a backend without TLS cannot fail to build: {e}"),
+        };
+        Arc::new(Registry::default()).register(NewSession {
+            user: "fuzz".into(),
+            database: "fuzz".into(),
+            application_name: String::new(),
+            client_addr: "fuzz".into(),
+            backend: BackendLink { target, key: CancelKey { pid: 1234, secret: 1 } },
+            tx_status: b'I',
+        })
+    }
+}
