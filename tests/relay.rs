@@ -167,3 +167,18 @@ async fn terminate_ends_the_backend_session_too() {
     assert!(common::eventually(10, || async { count().await == 0 }).await);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[tokio::test]
+async fn the_fixture_replicates_blue_to_green() {
+    let f = fixture();
+    f.pair.replicated_database("relay_replication", "app", "CREATE TABLE events (id bigserial PRIMARY KEY, what text)").await.unwrap();
+    let proxy = f.proxy(|_| {}).await;
+    let c = proxy.connect("relay_replication").await;
+    c.execute("INSERT INTO events (what) VALUES ('through the proxy')", &[]).await.unwrap();
+    let green = f.green().connect("relay_replication").await.unwrap();
+    let seen = common::eventually(10, || async {
+        green.query_one("SELECT count(*) FROM events WHERE what = 'through the proxy'", &[]).await.unwrap().get::<_, i64>(0) == 1
+    })
+    .await;
+    assert!(seen, "the row did not replicate to green");
+}
