@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod cli;
 pub mod demo;
+pub mod gate;
 pub mod backend;
 pub mod client;
 pub mod cluster;

@@ -32,6 +32,7 @@ pub struct Proxy {
     client_tls: ArcSwapOption<ServerTls>,
     client_slots: Arc<Semaphore>,
     pub sessions: Arc<Registry>,
+    gate: Arc<crate::gate::Gate>,
     mock_secret: [u8; 32],
 }
 
@@ -67,6 +68,7 @@ impl Proxy {
             active: ArcSwap::new(active),
             config: ArcSwap::from_pointee(config),
             sessions: Arc::new(Registry::default()),
+            gate: Arc::new(crate::gate::Gate::new()),
             mock_secret,
         })
     }
@@ -93,6 +95,10 @@ impl Proxy {
 
     pub fn backend(&self, name: &str) -> Option<Arc<BackendTarget>> {
         self.backends.load().get(name).cloned()
+    }
+
+    pub fn gate(&self) -> &Arc<crate::gate::Gate> {
+        &self.gate
     }
 
     pub fn mock_secret(&self) -> &[u8] {

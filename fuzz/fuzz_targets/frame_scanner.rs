@@ -34,16 +34,19 @@ fuzz_target!(|data: &[u8]| {
     // forward nothing they did not receive.
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     rt.block_on(async {
-        let session = relay::fuzzing::session();
+        let (session, control) = relay::fuzzing::session();
+        let gate = pgcutover::gate::Gate::new();
+        let (to_client, mut from_proxy) = tokio::sync::mpsc::unbounded_channel();
+        let mut up = relay::Upstream::new(&session.info, &gate, control, to_client);
         let mut out = Vec::new();
         let mut pump = relay::Pump::new(1 << 20);
         let mut input = stream;
-        relay::client_to_backend(&mut input, &mut out, &mut pump, &session.info).await;
+        relay::client_to_backend(&mut input, &mut out, &mut pump, &mut up).await;
         assert!(stream.starts_with(&out));
         let mut out = Vec::new();
         let mut pump = relay::Pump::new(1 << 20);
         let mut input = stream;
-        relay::backend_to_client(&mut input, &mut out, &mut pump, &session.info, 1234).await;
+        relay::backend_to_client(&mut input, &mut out, &mut pump, &session.info, &gate, &mut from_proxy, 1234).await;
         assert!(out.len() <= stream.len());
     });
 });

@@ -1,6 +1,7 @@
 //! A client session after login: connect its backend, introduce the backend to the
 //! client, relay until either side ends, and end the other side cleanly.
 
+pub mod aborted;
 pub mod registry;
 pub mod relay;
 
@@ -16,7 +17,7 @@ use crate::net::Stream;
 use crate::protocol::{sqlstate, write, PgError};
 use crate::server::Proxy;
 use registry::{BackendLink, NewSession};
-use relay::{End, Pump};
+use relay::{End, Pump, Upstream};
 
 /// Writes a FATAL error to a client and closes it, best effort.
 pub async fn fail(stream: &mut Stream, err: &PgError) {
@@ -46,7 +47,7 @@ pub async fn run(proxy: Arc<Proxy>, mut login: Login) {
         }
     };
 
-    let guard = proxy.sessions.register(NewSession {
+    let (guard, control) = proxy.sessions.register(NewSession {
         user: login.startup.user().to_owned(),
         database: login.startup.database().to_owned(),
         application_name: login.startup.get("application_name").unwrap_or_default().to_owned(),
@@ -69,24 +70,39 @@ pub async fn run(proxy: Arc<Proxy>, mut login: Login) {
     }
 
     let limit = proxy.config().proxy.max_message_size;
-    relay_until_end(login.stream, conn, &info, limit).await;
+    relay_until_end(login.stream, conn, &info, proxy.gate(), control, limit).await;
     drop(login.permit);
     tracing::debug!(session = info.id, "session ended");
 }
 
-async fn relay_until_end(client: Stream, backend: BackendConn, info: &registry::SessionInfo, limit: u32) {
+async fn relay_until_end(
+    client: Stream,
+    backend: BackendConn,
+    info: &registry::SessionInfo,
+    gate: &crate::gate::Gate,
+    control: tokio::sync::mpsc::UnboundedReceiver<registry::Control>,
+    limit: u32,
+) {
     let (mut crd, mut cwr) = tokio::io::split(client);
     let (mut brd, mut bwr) = tokio::io::split(backend.stream);
     let mut up = Pump::new(limit);
     let mut down = Pump::new(limit);
+    let (to_client, mut from_proxy) = tokio::sync::mpsc::unbounded_channel();
+    let mut upstream = Upstream::new(info, gate, control, to_client);
     let end = tokio::select! {
-        end = relay::client_to_backend(&mut crd, &mut bwr, &mut up, info) => end,
-        end = relay::backend_to_client(&mut brd, &mut cwr, &mut down, info, backend.key.pid) => end,
+        end = relay::client_to_backend(&mut crd, &mut bwr, &mut up, &mut upstream) => end,
+        end = relay::backend_to_client(&mut brd, &mut cwr, &mut down, info, gate, &mut from_proxy, backend.key.pid) => end,
     };
     let link = info.backend();
     let backend_name = &link.target.name;
     match end {
         End::ClientTerminated => {}
+        End::Shutdown => {
+            tell_client(&mut cwr, &down, PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command")).await;
+            if up.peer_at_boundary() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), bwr.write_all(&write::TERMINATE)).await;
+            }
+        }
         End::ClientGone(_) | End::ClientProtocol(_) => {
             if let End::ClientProtocol(e) = &end {
                 tracing::info!(session = info.id, error = %e, "client protocol violation");

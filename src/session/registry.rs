@@ -4,9 +4,11 @@
 //! here; the relay updates a session's counters with relaxed atomics.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::mpsc;
 
 use rand::Rng;
 use subtle::ConstantTimeEq;
@@ -55,6 +57,26 @@ pub struct BackendLink {
     pub key: CancelKey,
 }
 
+/// What the control plane asks of a session's client→backend pump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// End the open transaction on the backend (ROLLBACK, answered by the proxy) and
+    /// keep the client's view of a failed transaction until it rolls back; with
+    /// `error_pending`, the client's next request gets the 40001 error.
+    EndTransaction { error_pending: bool },
+    /// The proxy is shutting down: end the session at its next idle point.
+    Shutdown,
+    /// End the session now.
+    Kill,
+}
+
+/// Whether a pause's deadline cancelled this session's work.
+pub const CANCEL_NONE: u8 = 0;
+/// A cancel for a pause was sent: the next 57014 becomes 40001.
+pub const CANCEL_PENDING: u8 = 1;
+/// The 40001 reached the client.
+pub const CANCEL_DELIVERED: u8 = 2;
+
 pub struct SessionInfo {
     pub id: u64,
     /// The key the client got in BackendKeyData.
@@ -66,10 +88,20 @@ pub struct SessionInfo {
     pub connected_at: SystemTime,
     backend: Mutex<BackendLink>,
     tx: AtomicU8,
-    /// Requests sent (Query, Sync, FunctionCall) minus ReadyForQuery received.
+    /// Request units sent (a Query, a FunctionCall, an extended batch up to its Sync,
+    /// a lone Sync, or a query the proxy injected) minus ReadyForQuery received.
     outstanding: AtomicI64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Held at the gate since (for SHOW SESSIONS).
+    held_since: Mutex<Option<(Instant, SystemTime)>>,
+    control: mpsc::UnboundedSender<Control>,
+    /// CANCEL_NONE / CANCEL_PENDING / CANCEL_DELIVERED.
+    pub(crate) cancel_mark: AtomicU8,
+    /// Set by a shutdown: end at the next idle point.
+    pub(crate) shutting_down: AtomicBool,
+    /// Answers to queries the proxy injected, which the client must not see.
+    pub(crate) swallow: AtomicU32,
 }
 
 impl SessionInfo {
@@ -77,19 +109,54 @@ impl SessionInfo {
         TxState::from_status(self.tx.load(Ordering::Relaxed))
     }
 
-    pub(crate) fn on_ready(&self, status: u8) {
-        self.tx.store(status, Ordering::Relaxed);
+    /// A ReadyForQuery arrived. Returns true when it leaves the session quiescent.
+    pub(crate) fn on_ready(&self, status: u8) -> bool {
+        // INVARIANT: the state is stored before the counter drops, so whoever sees
+        // the counter at zero also sees the state that came with it.
+        self.tx.store(status, Ordering::SeqCst);
         // Saturate: a ReadyForQuery we did not count a request for must not go negative.
-        let _ = self.outstanding.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some((n - 1).max(0)));
+        let prev = self.outstanding.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some((n - 1).max(0))).unwrap_or(0);
+        prev <= 1 && status == b'I'
     }
 
-    pub(crate) fn on_request(&self) {
-        self.outstanding.fetch_add(1, Ordering::AcqRel);
+    /// A request unit starts; returns how many were outstanding before it.
+    pub(crate) fn begin_request(&self) -> i64 {
+        self.outstanding.fetch_add(1, Ordering::SeqCst)
     }
 
-    /// Requests whose ReadyForQuery has not come back yet.
+    /// Takes back a request unit that was counted but not sent (held at the gate).
+    pub(crate) fn unbegin_request(&self) {
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Request units whose ReadyForQuery has not come back yet.
     pub fn outstanding(&self) -> i64 {
-        self.outstanding.load(Ordering::Acquire)
+        self.outstanding.load(Ordering::SeqCst)
+    }
+
+    /// Nothing running and no transaction open on the backend: the session can be
+    /// paused, moved or closed without anyone noticing.
+    pub fn quiescent(&self) -> bool {
+        self.outstanding() == 0 && self.tx.load(Ordering::SeqCst) == b'I'
+    }
+
+    pub fn held_since(&self) -> Option<SystemTime> {
+        self.held_since.lock().unwrap_or_else(|p| p.into_inner()).map(|(_, t)| t)
+    }
+
+    pub(crate) fn set_held(&self, held: bool) -> Option<std::time::Duration> {
+        let mut h = self.held_since.lock().unwrap_or_else(|p| p.into_inner());
+        if held {
+            *h = Some((Instant::now(), SystemTime::now()));
+            None
+        } else {
+            h.take().map(|(i, _)| i.elapsed())
+        }
+    }
+
+    /// Sends a control request to the session; false if it has ended.
+    pub fn control(&self, c: Control) -> bool {
+        self.control.send(c).is_ok()
     }
 
     pub fn backend(&self) -> BackendLink {
@@ -124,7 +191,8 @@ impl Registry {
 
     /// Registers a session under a freshly minted, unique cancel key. The returned
     /// guard unregisters it when dropped.
-    pub fn register(self: &Arc<Self>, new: NewSession) -> SessionGuard {
+    pub fn register(self: &Arc<Self>, new: NewSession) -> (SessionGuard, mpsc::UnboundedReceiver<Control>) {
+        let (control, control_rx) = mpsc::unbounded_channel();
         let mut rng = rand::thread_rng();
         let mut map = self.lock();
         let pid = loop {
@@ -146,9 +214,14 @@ impl Registry {
             outstanding: AtomicI64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            held_since: Mutex::new(None),
+            control,
+            cancel_mark: AtomicU8::new(CANCEL_NONE),
+            shutting_down: AtomicBool::new(false),
+            swallow: AtomicU32::new(0),
         });
         map.insert(pid, info.clone());
-        SessionGuard { registry: self.clone(), info }
+        (SessionGuard { registry: self.clone(), info }, control_rx)
     }
 
     /// The backend link of the session this key belongs to, if the key is genuine.

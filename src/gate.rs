@@ -1,0 +1,311 @@
+//! The pause gate: holds sessions' new requests while closed, counts what is in
+//! flight, and drains it within a deadline.
+//!
+//! A session counts a request unit *before* it looks at the gate; a pause closes the
+//! gate *before* it looks at the sessions' counters (both sequentially consistent).
+//! So either the pause sees the request in flight and waits for it, or the session
+//! sees the gate closed and holds: no request slips through a closing gate unseen.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::{watch, Notify};
+
+use crate::config::OnDrainTimeout;
+use crate::server::Proxy;
+use crate::session::registry::{Control, SessionInfo, CANCEL_PENDING};
+
+pub struct Gate {
+    closed: AtomicBool,
+    /// `true` while open; sessions wait on it.
+    open_tx: watch::Sender<bool>,
+    /// Sessions ping this when they turn quiescent, so a drain need not poll.
+    quiescent: Notify,
+    held_now: AtomicI64,
+    /// Increases with every pause; the max_pause watchdog only reopens its own.
+    epoch: AtomicU64,
+    current: Mutex<Option<ActivePause>>,
+    stats: Mutex<GateStats>,
+}
+
+struct ActivePause {
+    epoch: u64,
+    since: Instant,
+    watchdog: tokio::task::JoinHandle<()>,
+}
+
+/// Figures for SHOW STATS and the metrics endpoint. Durations in microseconds.
+#[derive(Clone)]
+pub struct GateStats {
+    pub pauses: u64,
+    pub max_pause_expired: u64,
+    pub drain_timeouts: u64,
+    pub cancelled_for_pause: u64,
+    pub held_requests: u64,
+    pub pause_us: Histogram<u64>,
+    pub drain_us: Histogram<u64>,
+    pub hold_us: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 1 hour, 3 significant digits; these bounds are valid by construction.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!())
+}
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record((d.as_micros() as u64).max(1));
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    #[error("already paused")]
+    AlreadyPaused,
+    #[error("not paused")]
+    NotPaused,
+    #[error("drain did not finish within {0:?}: {1} session(s) still in a transaction; the gate was reopened")]
+    Aborted(Duration, usize),
+    #[error("max_pause ({0:?}) reached before the drain finished; the gate was reopened")]
+    MaxPause(Duration),
+}
+
+/// A session that was in the way of a drain.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InFlight {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub state: &'static str,
+}
+
+impl InFlight {
+    fn of(s: &SessionInfo) -> InFlight {
+        let state = if s.outstanding() > 0 { "running" } else { s.tx_state().as_str() };
+        InFlight { id: s.id, user: s.user.clone(), database: s.database.clone(), application_name: s.application_name.clone(), state }
+    }
+}
+
+/// What a completed drain looked like.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DrainReport {
+    #[serde(serialize_with = "as_millis")]
+    pub drain: Duration,
+    /// Sessions in flight when the gate closed.
+    pub waited_for: usize,
+    /// Sessions whose work was cancelled at the deadline.
+    pub cancelled: Vec<InFlight>,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1000.0)
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate::new()
+    }
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        let (open_tx, _) = watch::channel(true);
+        Gate {
+            closed: AtomicBool::new(false),
+            open_tx,
+            quiescent: Notify::new(),
+            held_now: AtomicI64::new(0),
+            epoch: AtomicU64::new(0),
+            current: Mutex::new(None),
+            stats: Mutex::new(GateStats {
+                pauses: 0,
+                max_pause_expired: 0,
+                drain_timeouts: 0,
+                cancelled_for_pause: 0,
+                held_requests: 0,
+                pause_us: histogram(),
+                drain_us: histogram(),
+                hold_us: histogram(),
+            }),
+        }
+    }
+
+    /// The fast path every new request takes.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.open_tx.subscribe()
+    }
+
+    pub fn held_now(&self) -> i64 {
+        self.held_now.load(Ordering::Relaxed)
+    }
+
+    /// How long the current pause has lasted.
+    pub fn paused_for(&self) -> Option<Duration> {
+        self.lock_current().as_ref().map(|p| p.since.elapsed())
+    }
+
+    pub fn stats(&self) -> GateStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<ActivePause>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_stats(&self, f: impl FnOnce(&mut GateStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// A session turned quiescent; a drain may be waiting for it.
+    pub fn notify_quiescent(&self) {
+        if self.is_closed() {
+            self.quiescent.notify_waiters();
+        }
+    }
+
+    /// Session side: holds until the gate opens. The caller has taken back its
+    /// request unit, so the session counts as quiescent while it waits.
+    pub async fn hold(&self, rx: &mut watch::Receiver<bool>, info: &SessionInfo) {
+        info.set_held(true);
+        self.held_now.fetch_add(1, Ordering::Relaxed);
+        self.notify_quiescent();
+        // An error means the proxy is going away; stop holding either way.
+        let _ = rx.wait_for(|open| *open).await;
+        self.held_now.fetch_sub(1, Ordering::Relaxed);
+        if let Some(held) = info.set_held(false) {
+            self.with_stats(|s| {
+                s.held_requests += 1;
+                record(&mut s.hold_us, held);
+            });
+        }
+    }
+
+    /// Closes the gate; `max_pause` later it reopens by itself unless resumed.
+    fn close(self: &Arc<Self>, max_pause: Duration) -> Result<u64, PauseError> {
+        let mut current = self.lock_current();
+        if current.is_some() {
+            return Err(PauseError::AlreadyPaused);
+        }
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        self.closed.store(true, Ordering::SeqCst);
+        self.open_tx.send_replace(false);
+        let gate = self.clone();
+        let watchdog = tokio::spawn(async move {
+            tokio::time::sleep(max_pause).await;
+            if gate.open_if(epoch) {
+                tracing::warn!(?max_pause, "max_pause reached: the gate reopened by itself");
+                gate.with_stats(|s| s.max_pause_expired += 1);
+            }
+        });
+        *current = Some(ActivePause { epoch, since: Instant::now(), watchdog });
+        self.with_stats(|s| s.pauses += 1);
+        Ok(epoch)
+    }
+
+    /// Reopens the gate if the pause `epoch` is still the current one.
+    fn open_if(&self, epoch: u64) -> bool {
+        let mut current = self.lock_current();
+        match current.as_ref() {
+            Some(p) if p.epoch == epoch => {}
+            _ => return false,
+        }
+        self.reopen(&mut current);
+        true
+    }
+
+    fn reopen(&self, current: &mut Option<ActivePause>) {
+        if let Some(p) = current.take() {
+            p.watchdog.abort();
+            self.with_stats(|s| record(&mut s.pause_us, p.since.elapsed()));
+        }
+        self.closed.store(false, Ordering::SeqCst);
+        self.open_tx.send_replace(true);
+    }
+
+    /// Opens the gate; held requests run.
+    pub fn resume(&self) -> Result<Duration, PauseError> {
+        let mut current = self.lock_current();
+        let since = current.as_ref().map(|p| p.since).ok_or(PauseError::NotPaused)?;
+        self.reopen(&mut current);
+        Ok(since.elapsed())
+    }
+
+    fn is_epoch(&self, epoch: u64) -> bool {
+        self.lock_current().as_ref().is_some_and(|p| p.epoch == epoch)
+    }
+}
+
+/// Closes the gate and waits until every session is idle or holding.
+///
+/// `timeout` bounds the wait (None: until `max_pause`). At the deadline, `Cancel`
+/// cancels what still runs and ends open transactions (each such client gets one
+/// 40001), `Abort` reopens the gate and reports who was in the way.
+pub async fn pause(proxy: &Arc<Proxy>, timeout: Option<Duration>, on_timeout: OnDrainTimeout) -> Result<DrainReport, PauseError> {
+    let gate = proxy.gate();
+    let max_pause = proxy.config().cutover.max_pause;
+    let epoch = gate.close(max_pause)?;
+    let started = Instant::now();
+    let in_flight_at = |proxy: &Proxy| proxy.sessions.list().into_iter().filter(|s| !s.quiescent()).collect::<Vec<_>>();
+    let waited_for = in_flight_at(proxy).len();
+    let mut cancelled = Vec::new();
+    let mut deadline = timeout.map(|t| started + t);
+    loop {
+        let notified = gate.quiescent.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !gate.is_epoch(epoch) {
+            return Err(PauseError::MaxPause(max_pause));
+        }
+        let busy = in_flight_at(proxy);
+        if busy.is_empty() {
+            let drain = started.elapsed();
+            gate.with_stats(|s| record(&mut s.drain_us, drain));
+            tracing::info!(?drain, waited_for, cancelled = cancelled.len(), "paused: drain complete");
+            return Ok(DrainReport { drain, waited_for, cancelled });
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            gate.with_stats(|s| s.drain_timeouts += 1);
+            match on_timeout {
+                OnDrainTimeout::Abort => {
+                    gate.open_if(epoch);
+                    let timeout = timeout.unwrap_or(max_pause);
+                    tracing::warn!(?timeout, sessions = ?busy.iter().map(|s| InFlight::of(s)).collect::<Vec<_>>(), "drain timed out: pause aborted");
+                    return Err(PauseError::Aborted(timeout, busy.len()));
+                }
+                OnDrainTimeout::Cancel => {
+                    for s in &busy {
+                        cancelled.push(InFlight::of(s));
+                        cancel_for_pause(s).await;
+                    }
+                    gate.with_stats(|s| s.cancelled_for_pause += busy.len() as u64);
+                    // What was cancelled now winds down; max_pause still bounds it.
+                    deadline = None;
+                }
+            }
+        }
+        let recheck = Instant::now() + Duration::from_millis(20);
+        let wake = deadline.map_or(recheck, |d| d.min(recheck));
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
+/// Ends a session's in-flight work for a pause: cancels its running query (the
+/// backend's 57014 reaches the client as 40001) or, if it sits idle in a
+/// transaction, ends that transaction (its next request gets the 40001).
+async fn cancel_for_pause(s: &Arc<SessionInfo>) {
+    s.cancel_mark.store(CANCEL_PENDING, Ordering::SeqCst);
+    if s.outstanding() > 0 {
+        let link = s.backend();
+        link.target.cancel(link.key).await;
+    } else {
+        s.control(Control::EndTransaction { error_pending: true });
+    }
+}
