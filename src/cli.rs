@@ -1,8 +1,10 @@
-//! The subcommands that run in the foreground: `serve`.
+//! The subcommands: `serve` runs the proxy in the foreground; `pause`, `resume` and
+//! `status` talk to a running proxy through its admin socket.
 
 use std::path::Path;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
@@ -10,12 +12,84 @@ use crate::config::Config;
 pub async fn serve(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let mut handle = crate::server::start(config).await?;
+    handle.proxy.set_config_path(path);
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                if let Err(e) = handle.proxy.reload().await {
+                    tracing::error!("SIGHUP: reload rejected, the running configuration stays: {e:#}");
+                }
+            }
+        }
     }
     handle.stop_accepting().await;
+    handle.proxy.shutdown(handle.proxy.config().proxy.shutdown_grace).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// One row of a console answer, as (column, value) pairs.
+type Row = Vec<(String, Option<String>)>;
+
+/// Runs one console command against the proxy that `config` describes.
+pub async fn admin_command(config_path: &Path, command: &str) -> anyhow::Result<Vec<Row>> {
+    let config = Config::load(config_path)?;
+    let dir = config.proxy.socket_dir.as_ref().context("the admin console needs [proxy] socket_dir")?;
+    let user = std::env::var("USER").unwrap_or_else(|_| "pgcutover".into());
+    let mut pg = tokio_postgres::Config::new();
+    pg.host_path(dir).port(config.proxy.listen.port()).dbname(crate::admin::DATABASE).user(&user).application_name("pgcutover-cli");
+    pg.connect_timeout(Duration::from_secs(5));
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.with_context(|| {
+        format!("cannot reach the admin console at {}/.s.PGSQL.{} (is `pgcutover serve` running?)", dir.display(), config.proxy.listen.port())
+    })?;
+    tokio::spawn(conn);
+    let messages = match client.simple_query(command).await {
+        Ok(m) => m,
+        Err(e) => match e.as_db_error() {
+            Some(db) => bail!("{}", db.message()),
+            None => bail!("{e}"),
+        },
+    };
+    Ok(messages
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.columns().iter().enumerate().map(|(i, c)| (c.name().to_string(), r.get(i).map(str::to_owned))).collect())
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+/// Prints rows for a person, or as JSON. Two-column `name | value` answers become one
+/// object / one aligned block.
+pub fn print_rows(rows: &[Row], json: bool) {
+    let key_value = rows.first().is_some_and(|r| r.len() == 2 && r[0].0 == "name" && r[1].0 == "value");
+    if json {
+        let value = if key_value {
+            serde_json::Value::Object(rows.iter().map(|r| (r[0].1.clone().unwrap_or_default(), r[1].1.clone().map_or(serde_json::Value::Null, serde_json::Value::String))).collect())
+        } else {
+            serde_json::Value::Array(
+                rows.iter()
+                    .map(|r| serde_json::Value::Object(r.iter().map(|(k, v)| (k.clone(), v.clone().map_or(serde_json::Value::Null, serde_json::Value::String))).collect()))
+                    .collect(),
+            )
+        };
+        println!("{value}");
+        return;
+    }
+    let key_width = rows.iter().map(|r| r[0].1.as_deref().map_or(0, str::len)).max().unwrap_or(0);
+    for r in rows {
+        if key_value {
+            println!("{:key_width$}  {}", r[0].1.as_deref().unwrap_or(""), r[1].1.as_deref().unwrap_or(""));
+        } else {
+            let line: Vec<String> = r.iter().map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or(""))).collect();
+            println!("{}", line.join("  "));
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! [`session`] (the relay loop) → [`backend`] (connect and log in). The control plane
 //! sits beside it and talks to the data path through [`server::Proxy`].
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod demo;

@@ -19,12 +19,42 @@ enum Command {
         #[arg(long, short, default_value = "proxy.toml")]
         config: PathBuf,
     },
+    /// Close the gate and wait until in-flight transactions finish.
+    Pause {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Bound the drain (e.g. 500ms, 2s); at the deadline `on_drain_timeout` applies.
+        #[arg(long)]
+        timeout: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open the gate: held requests run.
+    Resume {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the running proxy's status.
+    Status {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Start throwaway clusters, put the proxy in front, and run a load through it.
     Demo {
         /// Seconds of load.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+}
+
+async fn console(config: &std::path::Path, command: &str, json: bool) -> anyhow::Result<()> {
+    let rows = pgcutover::cli::admin_command(config, command).await?;
+    pgcutover::cli::print_rows(&rows, json);
+    Ok(())
 }
 
 fn init_logging() {
@@ -45,6 +75,15 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve { config } => pgcutover::cli::serve(&config).await,
+            Command::Pause { config, timeout, json } => {
+                let command = match timeout {
+                    Some(t) => format!("PAUSE '{}'", t.replace('\'', "")),
+                    None => "PAUSE".to_string(),
+                };
+                console(&config, &command, json).await
+            }
+            Command::Resume { config, json } => console(&config, "RESUME", json).await,
+            Command::Status { config, json } => console(&config, "SHOW STATUS", json).await,
             Command::Demo { seconds } => pgcutover::demo::run(std::time::Duration::from_secs(seconds)).await,
         }
     });

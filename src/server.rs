@@ -7,8 +7,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -34,6 +36,13 @@ pub struct Proxy {
     pub sessions: Arc<Registry>,
     gate: Arc<crate::gate::Gate>,
     mock_secret: [u8; 32],
+    started: Instant,
+    /// The file RELOAD and SIGHUP read again.
+    config_path: Mutex<Option<PathBuf>>,
+    listen_addr: Mutex<Option<SocketAddr>>,
+    /// What `client_slots` was sized for, to resize it on reload.
+    max_clients: AtomicUsize,
+    shutting_down: AtomicBool,
 }
 
 fn build_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<BackendTarget>>> {
@@ -58,6 +67,7 @@ impl Proxy {
             .get(&config.cutover.active)
             .cloned()
             .with_context(|| format!("no backend named {}", config.cutover.active))?;
+        let max_clients = config.proxy.max_client_connections;
         let mut mock_secret = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_secret);
         Ok(Proxy {
@@ -70,6 +80,11 @@ impl Proxy {
             sessions: Arc::new(Registry::default()),
             gate: Arc::new(crate::gate::Gate::new()),
             mock_secret,
+            started: Instant::now(),
+            config_path: Mutex::new(None),
+            listen_addr: Mutex::new(None),
+            max_clients: AtomicUsize::new(max_clients),
+            shutting_down: AtomicBool::new(false),
         })
     }
 
@@ -103,6 +118,81 @@ impl Proxy {
 
     pub fn mock_secret(&self) -> &[u8] {
         &self.mock_secret
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        *self.listen_addr.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_config_path(&self, path: &Path) {
+        *self.config_path.lock().unwrap_or_else(|p| p.into_inner()) = Some(path.to_owned());
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Reads the configuration file again and applies what can change at run time:
+    /// users, backends (new connections use the new settings), client TLS, limits
+    /// and timeouts. An invalid file changes nothing. The listen address and socket
+    /// directory need a restart; the active backend is run-time state and stays.
+    pub async fn reload(&self) -> anyhow::Result<PathBuf> {
+        let path = self.config_path.lock().unwrap_or_else(|p| p.into_inner()).clone().context("this proxy was not started from a configuration file")?;
+        let config = Config::load(&path)?;
+        let current = self.config();
+        if config.proxy.listen != current.proxy.listen || config.proxy.socket_dir != current.proxy.socket_dir {
+            tracing::warn!("listen and socket_dir changes take effect at the next restart");
+        }
+        let active = self.active_backend().name.clone();
+        let backends = build_backends(&config)?;
+        let new_active = backends.get(&active).cloned().with_context(|| format!("the active backend {active:?} is missing from the new file"))?;
+        let tls = build_tls(&config)?;
+        let auth = config.auth.clone();
+        // Deriving SCRAM verifiers stretches keys: off the I/O threads.
+        let users = tokio::task::spawn_blocking(move || Users::from_config(&auth)).await?;
+
+        let max = config.proxy.max_client_connections;
+        let before = self.max_clients.swap(max, Ordering::SeqCst);
+        if max > before {
+            self.client_slots.add_permits(max - before);
+        } else {
+            self.client_slots.forget_permits(before - max);
+        }
+        self.users.store(Arc::new(users));
+        self.client_tls.store(tls);
+        self.backends.store(Arc::new(backends));
+        self.active.store(new_active);
+        self.config.store(Arc::new(config));
+        tracing::info!(file = %path.display(), "configuration reloaded");
+        Ok(path)
+    }
+
+    /// Ends every session at its next idle point (its open transaction may
+    /// finish); after `grace`, ends the rest.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        for s in self.sessions.list() {
+            s.control(crate::session::registry::Control::Shutdown);
+        }
+        let deadline = Instant::now() + grace;
+        while !self.sessions.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.sessions.list();
+        if !left.is_empty() {
+            tracing::warn!(sessions = left.len(), ?grace, "shutdown grace over: closing the remaining sessions");
+            for s in &left {
+                s.control(crate::session::registry::Control::Kill);
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !self.sessions.is_empty() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 
     /// Forwards a client's CancelRequest to wherever its session runs now. A key
@@ -141,6 +231,7 @@ pub async fn start(config: Config) -> anyhow::Result<ProxyHandle> {
     let proxy = Arc::new(Proxy::new(config)?);
     let tcp = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let tcp_addr = tcp.local_addr()?;
+    *proxy.listen_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(tcp_addr);
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     tasks.spawn(crate::client::listener::accept_tcp(proxy.clone(), tcp, rx.clone()));

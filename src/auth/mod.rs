@@ -100,6 +100,10 @@ impl Users {
         self.users.len()
     }
 
+    pub fn has_admin(&self) -> bool {
+        self.users.values().any(|u| u.admin)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }

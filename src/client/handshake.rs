@@ -19,6 +19,8 @@ use crate::session::fail;
 pub enum Accepted {
     Login(Login),
     Cancel(CancelKey),
+    /// A client of the admin console (database `pgcutover`).
+    Admin(Stream, startup::StartupMessage),
 }
 
 /// Runs the handshake. Returns `None` when the connection ended (the client was told
@@ -35,6 +37,7 @@ pub async fn accept(proxy: &Arc<Proxy>, stream: Stream, peer: String) -> Option<
     };
     match result {
         Ok(Step::Cancel(key)) => Some(Accepted::Cancel(key)),
+        Ok(Step::Admin(startup)) => Some(Accepted::Admin(slot.take()?, startup)),
         Ok(Step::Login(parts)) => {
             let stream = slot.take()?;
             Some(Accepted::Login(parts.into_login(stream, peer)))
@@ -51,6 +54,7 @@ pub async fn accept(proxy: &Arc<Proxy>, stream: Stream, peer: String) -> Option<
 
 enum Step {
     Cancel(CancelKey),
+    Admin(startup::StartupMessage),
     /// The login without its stream and peer, which `accept` fills in.
     Login(LoginParts),
 }
@@ -114,6 +118,16 @@ async fn negotiate(proxy: &Arc<Proxy>, slot: &mut Option<Stream>, peer: &str) ->
                         "replication connections are not supported through pgcutover",
                     )));
                 }
+                if msg.database() == crate::admin::DATABASE {
+                    admit_admin(proxy, stream, &msg).await?;
+                    let mut ok = BytesMut::new();
+                    write::auth_ok(&mut ok);
+                    stream.write_all(&ok).await.map_err(|_| None)?;
+                    return Ok(Step::Admin(msg));
+                }
+                if proxy.is_shutting_down() {
+                    return Err(Some(PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, "pgcutover is shutting down")));
+                }
                 let permit = proxy.client_slots().try_acquire_owned().map_err(|_| {
                     Some(PgError::fatal(sqlstate::TOO_MANY_CONNECTIONS, "sorry, too many clients already"))
                 })?;
@@ -125,4 +139,25 @@ async fn negotiate(proxy: &Arc<Proxy>, slot: &mut Option<Stream>, peer: &str) ->
             }
         }
     }
+}
+
+/// The admin console: anyone who can reach the Unix socket (its directory is 0700),
+/// and over TCP only users marked `admin`, after authenticating.
+async fn admit_admin(proxy: &Arc<Proxy>, stream: &mut Stream, msg: &startup::StartupMessage) -> Result<(), Option<PgError>> {
+    if stream.is_unix() {
+        return Ok(());
+    }
+    let users = proxy.users();
+    if !users.has_admin() {
+        return Err(Some(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "the pgcutover admin console is only reachable over the Unix socket (no admin user is configured)",
+        )));
+    }
+    let is_admin = users.get(msg.user()).is_some_and(|u| u.admin);
+    super::auth::authenticate(proxy, stream, msg.user()).await?;
+    if !is_admin {
+        return Err(Some(PgError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("user \"{}\" may not use the admin console", msg.user()))));
+    }
+    Ok(())
 }

@@ -30,6 +30,7 @@ pub async fn handle(proxy: Arc<Proxy>, stream: Stream, peer: String) {
     match handshake::accept(&proxy, stream, peer).await {
         Some(handshake::Accepted::Login(login)) => crate::session::run(proxy, login).await,
         Some(handshake::Accepted::Cancel(key)) => proxy.cancel(key).await,
+        Some(handshake::Accepted::Admin(stream, startup)) => crate::admin::serve(proxy, stream, startup).await,
         None => {}
     }
 }

@@ -56,6 +56,9 @@ pub async fn run(proxy: Arc<Proxy>, mut login: Login) {
         tx_status: conn.ready_status,
     });
     let info = guard.info.clone();
+    if proxy.is_shutting_down() {
+        info.control(registry::Control::Shutdown);
+    }
     tracing::debug!(session = info.id, user = %info.user, database = %info.database, backend = %target.name, "session started");
 
     let mut hello = BytesMut::with_capacity(512);

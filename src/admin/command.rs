@@ -1,0 +1,199 @@
+//! The admin console's grammar: a tokenizer and a parser, not whitespace splitting.
+//!
+//! ```text
+//! SHOW { STATUS | SESSIONS | BACKENDS | STATS | CUTOVER }
+//! PAUSE [ duration ]        duration: 500ms, 2s, '1.5s', 250 (milliseconds)
+//! RESUME | RELOAD
+//! CUTOVER [ target ]
+//! ```
+//! Keywords are case-insensitive; identifiers may be double-quoted; one trailing
+//! semicolon is allowed.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Show(Show),
+    Pause(Option<Duration>),
+    Resume,
+    Reload,
+    Cutover(Option<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    Status,
+    Sessions,
+    Backends,
+    Stats,
+    Cutover,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Word(String),
+    Quoted(String),
+    Ident(String),
+    Semicolon,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+fn err<T>(m: impl Into<String>) -> Result<T, ParseError> {
+    Err(ParseError(m.into()))
+}
+
+fn tokenize(text: &str) -> Result<Vec<Token>, ParseError> {
+    let mut tokens = Vec::new();
+    let mut chars = text.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        match c {
+            c if c.is_whitespace() => {
+                chars.next();
+            }
+            ';' => {
+                chars.next();
+                tokens.push(Token::Semicolon);
+            }
+            '\'' | '"' => {
+                chars.next();
+                let mut s = String::new();
+                loop {
+                    match chars.next() {
+                        Some(q) if q == c && chars.peek() == Some(&c) => {
+                            chars.next();
+                            s.push(c);
+                        }
+                        Some(q) if q == c => break,
+                        Some(other) => s.push(other),
+                        None => return err("unterminated quoted string"),
+                    }
+                }
+                tokens.push(if c == '\'' { Token::Quoted(s) } else { Token::Ident(s) });
+            }
+            c if c.is_alphanumeric() || c == '_' || c == '.' || c == '-' => {
+                let mut s = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c.is_alphanumeric() || c == '_' || c == '.' || c == '-' {
+                        s.push(c);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                tokens.push(Token::Word(s));
+            }
+            other => return err(format!("syntax error at or near \"{other}\"")),
+        }
+    }
+    if tokens.last() == Some(&Token::Semicolon) {
+        tokens.pop();
+    }
+    if tokens.contains(&Token::Semicolon) {
+        return err("one command at a time");
+    }
+    Ok(tokens)
+}
+
+/// A duration: `500ms`, `2s`, `1m`, or a bare number of milliseconds.
+pub fn parse_duration(text: &str) -> Result<Duration, ParseError> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(Duration::from_millis(ms));
+    }
+    if let Some(secs) = text.strip_suffix('s').filter(|s| !s.ends_with('m')).and_then(|s| s.parse::<f64>().ok()) {
+        if secs.is_finite() && secs >= 0.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    }
+    humantime::parse_duration(text).or_else(|_| err(format!("invalid duration \"{text}\" (try 500ms or 2s)")))
+}
+
+fn keyword(t: &Token) -> Option<String> {
+    match t {
+        Token::Word(w) => Some(w.to_ascii_uppercase()),
+        _ => None,
+    }
+}
+
+pub fn parse(text: &str) -> Result<Command, ParseError> {
+    let tokens = tokenize(text)?;
+    let Some(first) = tokens.first() else { return err("empty command") };
+    let rest = &tokens[1..];
+    let verb = keyword(first).ok_or_else(|| ParseError(format!("syntax error at or near {first:?}")))?;
+    let no_more = |n: usize| -> Result<(), ParseError> {
+        match rest.get(n) {
+            None => Ok(()),
+            Some(t) => err(format!("unexpected {} after {verb}", describe(t))),
+        }
+    };
+    match verb.as_str() {
+        "SHOW" => {
+            let what = rest.first().and_then(keyword).ok_or_else(|| ParseError("SHOW what? STATUS, SESSIONS, BACKENDS, STATS or CUTOVER".into()))?;
+            no_more(1)?;
+            let show = match what.as_str() {
+                "STATUS" => Show::Status,
+                "SESSIONS" | "CLIENTS" => Show::Sessions,
+                "BACKENDS" | "SERVERS" => Show::Backends,
+                "STATS" => Show::Stats,
+                "CUTOVER" => Show::Cutover,
+                other => return err(format!("unknown SHOW {other}: try STATUS, SESSIONS, BACKENDS, STATS or CUTOVER")),
+            };
+            Ok(Command::Show(show))
+        }
+        "PAUSE" => {
+            no_more(1)?;
+            match rest.first() {
+                None => Ok(Command::Pause(None)),
+                Some(Token::Word(w) | Token::Quoted(w)) => Ok(Command::Pause(Some(parse_duration(w)?))),
+                Some(t) => err(format!("PAUSE takes a duration, not {}", describe(t))),
+            }
+        }
+        "RESUME" => no_more(0).map(|_| Command::Resume),
+        "RELOAD" => no_more(0).map(|_| Command::Reload),
+        "CUTOVER" => {
+            no_more(1)?;
+            match rest.first() {
+                None => Ok(Command::Cutover(None)),
+                Some(Token::Word(w) | Token::Ident(w) | Token::Quoted(w)) => Ok(Command::Cutover(Some(w.clone()))),
+                Some(t) => err(format!("CUTOVER takes a backend name, not {}", describe(t))),
+            }
+        }
+        other => err(format!("unknown command {other}: try SHOW, PAUSE, RESUME, RELOAD or CUTOVER")),
+    }
+}
+
+fn describe(t: &Token) -> String {
+    match t {
+        Token::Word(w) => format!("\"{w}\""),
+        Token::Quoted(q) => format!("'{q}'"),
+        Token::Ident(i) => format!("\"{i}\""),
+        Token::Semicolon => "\";\"".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_whatever_their_case() {
+        assert_eq!(parse("show status").unwrap(), Command::Show(Show::Status));
+        assert_eq!(parse("SHOW Sessions;").unwrap(), Command::Show(Show::Sessions));
+        assert_eq!(parse("pause").unwrap(), Command::Pause(None));
+        assert_eq!(parse("PAUSE 2s").unwrap(), Command::Pause(Some(Duration::from_secs(2))));
+        assert_eq!(parse("PAUSE '1.5s'").unwrap(), Command::Pause(Some(Duration::from_millis(1500))));
+        assert_eq!(parse("pause 250").unwrap(), Command::Pause(Some(Duration::from_millis(250))));
+        assert_eq!(parse("PAUSE 500ms").unwrap(), Command::Pause(Some(Duration::from_millis(500))));
+        assert_eq!(parse("CUTOVER \"green\"").unwrap(), Command::Cutover(Some("green".into())));
+        assert_eq!(parse("  resume ; ").unwrap(), Command::Resume);
+    }
+
+    #[test]
+    fn malformed_commands_are_refused_with_a_reason() {
+        for bad in ["", "SHOW", "SHOW nothing", "PAUSE soon", "PAUSE 1s 2s", "RESUME now", "DROP TABLE x", "SHOW STATUS; SHOW STATS", "PAUSE 'unterminated", "select 1 + 1"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}
