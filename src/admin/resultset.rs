@@ -31,6 +31,15 @@ impl ResultSet {
         self.rows.push(values);
     }
 
+    pub fn rows(&self) -> Vec<Vec<Option<String>>> {
+        self.rows.clone()
+    }
+
+    /// The value of `name` in a `name | value` set.
+    pub fn value(&self, name: &str) -> Option<String> {
+        self.rows.iter().find(|r| r.first().and_then(|v| v.as_deref()) == Some(name)).and_then(|r| r.get(1).cloned().flatten())
+    }
+
     pub fn tag(mut self, tag: impl Into<String>) -> ResultSet {
         self.tag = tag.into();
         self

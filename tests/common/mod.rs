@@ -130,10 +130,15 @@ impl Fixture {
 
     /// A proxy config in front of blue (active) and green, users for every method.
     pub fn config(&self, socket_dir: &std::path::Path) -> Config {
-        let text = format!(
+        Config::parse(&self.config_text(socket_dir, "127.0.0.1:0")).unwrap()
+    }
+
+    /// The same configuration as a proxy.toml text.
+    pub fn config_text(&self, socket_dir: &std::path::Path, listen: &str) -> String {
+        format!(
             r#"
             [proxy]
-            listen = "127.0.0.1:0"
+            listen = "{listen}"
             socket_dir = "{socket_dir}"
             client_login_timeout = "5s"
             [auth]
@@ -172,8 +177,7 @@ impl Fixture {
             verifier = self.verifier,
             blue = self.blue().port,
             green = self.green().port,
-        );
-        Config::parse(&text).unwrap()
+        )
     }
 
     /// Starts a proxy with the base config, after `edit`.
@@ -193,6 +197,15 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
+    pub fn proxy(&self) -> &std::sync::Arc<pgcutover::server::Proxy> {
+        &self.handle.proxy
+    }
+
+    /// Runs an admin console command in process.
+    pub async fn admin(&self, command: &str) -> Result<Vec<Vec<Option<String>>>, pgcutover::protocol::PgError> {
+        pgcutover::admin::execute(self.proxy(), command).await.map(|rs| rs.rows())
+    }
+
     pub fn port(&self) -> u16 {
         self.handle.tcp_addr.port()
     }
