@@ -64,14 +64,22 @@ pub enum PauseError {
     AlreadyPaused,
     #[error("not paused")]
     NotPaused,
-    #[error("drain did not finish within {0:?}: {1} session(s) still in a transaction; the gate was reopened")]
-    Aborted(Duration, usize),
+    #[error("drain did not finish within {0:?}: {n} session(s) still in a transaction, the gate was reopened; in the way: {list}", n = .1.len(), list = describe(.1))]
+    Aborted(Duration, Vec<InFlight>),
     #[error("max_pause ({0:?}) reached before the drain finished; the gate was reopened")]
     MaxPause(Duration),
 }
 
+fn describe(sessions: &[InFlight]) -> String {
+    let parts: Vec<String> = sessions
+        .iter()
+        .map(|s| format!("session {} ({}@{}{}, {})", s.id, s.user, s.database, if s.application_name.is_empty() { String::new() } else { format!(" \"{}\"", s.application_name) }, s.state))
+        .collect();
+    parts.join("; ")
+}
+
 /// A session that was in the way of a drain.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct InFlight {
     pub id: u64,
     pub user: String,
@@ -274,8 +282,9 @@ pub async fn pause(proxy: &Arc<Proxy>, timeout: Option<Duration>, on_timeout: On
                 OnDrainTimeout::Abort => {
                     gate.open_if(epoch);
                     let timeout = timeout.unwrap_or(max_pause);
-                    tracing::warn!(?timeout, sessions = ?busy.iter().map(|s| InFlight::of(s)).collect::<Vec<_>>(), "drain timed out: pause aborted");
-                    return Err(PauseError::Aborted(timeout, busy.len()));
+                    let in_the_way: Vec<InFlight> = busy.iter().map(|s| InFlight::of(s)).collect();
+                    tracing::warn!(?timeout, sessions = %describe(&in_the_way), "drain timed out: pause aborted");
+                    return Err(PauseError::Aborted(timeout, in_the_way));
                 }
                 OnDrainTimeout::Cancel => {
                     for s in &busy {

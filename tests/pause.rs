@@ -162,6 +162,7 @@ async fn at_the_deadline_abort_reopens_the_gate_and_errors_nothing() {
     let e = proxy.admin("PAUSE 200ms").await.unwrap_err();
     assert_eq!(e.code, "55000");
     assert!(e.message.contains("1 session(s)"), "{}", e.message);
+    assert!(e.message.contains("app@pause_abort"), "the report names who was in the way: {}", e.message);
     let st = proxy.admin("SHOW STATUS").await.unwrap();
     assert_eq!(status(&st, "paused"), "false");
     let (c, r) = q.await.unwrap();

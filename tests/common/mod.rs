@@ -304,7 +304,7 @@ impl Raw {
             loop {
                 if self.buf.len() >= 5 {
                     let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                    if self.buf.len() >= len + 1 {
+                    if self.buf.len() > len {
                         let tag = self.buf[0];
                         self.buf.advance(5);
                         let body = self.buf.split_to(len - 4);

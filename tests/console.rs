@@ -1,0 +1,172 @@
+//! The admin console through psql, the CLI, and signals, against the real binary.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{fixture, PASSWORD};
+
+/// `pgcutover serve` as a child process, on a file of its own.
+struct Served {
+    child: tokio::process::Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Served {
+    async fn start(edit: impl FnOnce(String) -> String) -> Served {
+        let f = fixture();
+        let dir = tempfile::Builder::new().prefix("pgcutover-served-").tempdir().unwrap();
+        let port = pgcutover::cluster::free_port().unwrap();
+        let text = edit(f.config_text(&dir.path().join("sock"), &format!("127.0.0.1:{port}")));
+        std::fs::write(dir.path().join("proxy.toml"), text).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcutover"))
+            .args(["serve", "--config"])
+            .arg(dir.path().join("proxy.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let served = Served { child, dir, port };
+        assert!(common::eventually(10, || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await, "serve did not start: {}", served.log());
+        served
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("proxy.toml")
+    }
+
+    fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.id().unwrap() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    async fn connect(&self, user: &str, password: &str, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (c, conn) = tokio_postgres::connect(&format!("host=127.0.0.1 port={} user={user} password='{password}' dbname={db}", self.port), tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(c)
+    }
+
+    async fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcutover")).args(args).arg("--config").arg(self.config_path()).output().await.unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    async fn psql_console(&self, commands: &[&str]) -> (bool, String, String) {
+        let mut args: Vec<String> = vec!["-X".into(), "-h".into(), self.socket_dir().display().to_string(), "-p".into(), self.port.to_string(), "-d".into(), "pgcutover".into()];
+        for c in commands {
+            args.push("-c".into());
+            args.push(c.to_string());
+        }
+        let out = tokio::process::Command::new(common::pg_program("psql")).args(&args).output().await.unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn every_console_command_answers_through_psql() {
+    let s = Served::start(|t| t).await;
+    let app = s.connect("app", PASSWORD, "postgres").await.unwrap();
+    let (ok, out, err) = s.psql_console(&["SHOW STATUS", "SHOW SESSIONS", "SHOW BACKENDS", "SHOW STATS", "PAUSE 1s", "RESUME", "RELOAD"]).await;
+    assert!(ok, "{err}");
+    for expected in ["active_backend", "blue", "application_name", "held_since", "green", "target", "pauses", "hold_ms_p99", "paused", "resumed", "reloaded"] {
+        assert!(out.contains(expected), "{expected} missing from:\n{out}");
+    }
+    // An unknown or malformed command is an ERROR, and the console session goes on.
+    let (_, out, err) = s.psql_console(&["SHOW NONSENSE", "PAUSE later", "SHOW STATUS"]).await;
+    assert!(err.contains("unknown SHOW NONSENSE"), "{err}");
+    assert!(err.contains("invalid duration"), "{err}");
+    assert!(out.contains("active_backend"), "the console did not go on: {out}");
+    app.simple_query("SELECT 1").await.unwrap();
+
+    // The socket directory is private.
+    let mode = std::fs::metadata(s.socket_dir()).unwrap().permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o700);
+}
+
+#[tokio::test]
+async fn over_tcp_the_console_needs_a_configured_admin() {
+    let s = Served::start(|t| t).await;
+    let e = s.connect("app", PASSWORD, "pgcutover").await.unwrap_err();
+    assert_eq!(common::sqlstate(&e), "28000");
+
+    let s = Served::start(|t| t.replace("name = \"app\"\n            password = \"secret\"", "name = \"app\"\n            password = \"secret\"\n            admin = true")).await;
+    let c = s.connect("app", PASSWORD, "pgcutover").await.unwrap();
+    let rows = c.simple_query("SHOW STATUS").await.unwrap();
+    assert!(rows.len() > 5);
+    let e = s.connect("app", "wrong", "pgcutover").await.unwrap_err();
+    assert_eq!(common::sqlstate(&e), "28P01");
+    let e = s.connect("pwuser", "pwpass", "pgcutover").await.unwrap_err();
+    assert_eq!(common::sqlstate(&e), "28000");
+}
+
+#[tokio::test]
+async fn the_cli_pauses_resumes_and_reports_and_fails_with_a_reason() {
+    let s = Served::start(|t| t).await;
+    let (ok, out, err) = s.cli(&["pause", "--timeout", "2s"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("status=paused"), "{out}");
+    let (ok, out, _) = s.cli(&["status", "--json"]).await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["paused"], "true");
+    assert_eq!(v["active_backend"], "blue");
+    let (ok, out, _) = s.cli(&["status"]).await;
+    assert!(ok && out.contains("paused") && out.contains("true"), "{out}");
+    let (ok, out, _) = s.cli(&["resume", "--json"]).await;
+    assert!(ok);
+    assert!(out.contains("\"status\":\"resumed\""), "{out}");
+    let (ok, _, err) = s.cli(&["resume"]).await;
+    assert!(!ok, "resume when not paused must fail");
+    assert!(err.contains("not paused"), "{err}");
+}
+
+#[tokio::test]
+async fn sighup_applies_a_good_file_and_keeps_the_running_config_on_a_broken_one() {
+    let s = Served::start(|t| t).await;
+    assert!(s.connect("newcomer", "fresh", "postgres").await.is_err());
+    let good = std::fs::read_to_string(s.config_path()).unwrap().replace("[[auth.users]]\n            name = \"app\"", "[[auth.users]]\n            name = \"newcomer\"\n            password = \"fresh\"\n            [[auth.users]]\n            name = \"app\"");
+    fixture().blue().execute("postgres", "DO $$ BEGIN CREATE ROLE newcomer LOGIN PASSWORD 'fresh'; EXCEPTION WHEN duplicate_object THEN NULL; END $$").await.unwrap();
+    std::fs::write(s.config_path(), &good).unwrap();
+    s.signal(libc::SIGHUP);
+    assert!(common::eventually(5, || async { s.connect("newcomer", "fresh", "postgres").await.is_ok() }).await, "{}", s.log());
+
+    std::fs::write(s.config_path(), "[proxy]\nlisten = 'not an address'\n").unwrap();
+    s.signal(libc::SIGHUP);
+    assert!(common::eventually(5, || async { s.log().contains("reload rejected") }).await, "{}", s.log());
+    // Still serving, with the last good configuration.
+    s.connect("newcomer", "fresh", "postgres").await.unwrap().simple_query("SELECT 1").await.unwrap();
+    s.connect("app", PASSWORD, "postgres").await.unwrap().simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_open_transaction_commit_then_exits_zero() {
+    let f = fixture();
+    let db = f.database("console_sigterm").await;
+    let mut s = Served::start(|t| t.replace("client_login_timeout = \"5s\"", "client_login_timeout = \"5s\"\n            shutdown_grace = \"10s\"")).await;
+    let busy = s.connect("app", PASSWORD, &db).await.unwrap();
+    let idle = s.connect("app", PASSWORD, &db).await.unwrap();
+    busy.batch_execute("CREATE TABLE t (x int); BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    s.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // New connections are refused; the idle session is gone; the open transaction goes on.
+    assert!(s.connect("app", PASSWORD, &db).await.is_err());
+    assert!(idle.simple_query("SELECT 1").await.is_err(), "the idle session should have been closed");
+    busy.batch_execute("INSERT INTO t VALUES (2); COMMIT").await.expect("the open transaction commits");
+    let status = tokio::time::timeout(Duration::from_secs(10), s.child.wait()).await.expect("exits after the transaction").unwrap();
+    assert!(status.success(), "{status:?}: {}", s.log());
+    let n: i64 = f.blue().connect(&db).await.unwrap().query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+}
