@@ -10,16 +10,37 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::Config;
 
 pub async fn serve(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
+    let mut config = Config::load(path)?;
+    // A cutover recorded its new active backend: come up there.
+    if let Some(state) = crate::state::path(&config, Some(path)) {
+        if let Some(name) = crate::state::load(&state) {
+            if config.backends.contains_key(&name) {
+                if name != config.cutover.active {
+                    tracing::info!(file = %state.display(), active = %name, "active backend from the state file");
+                }
+                config.cutover.active = name;
+            } else {
+                tracing::warn!(file = %state.display(), backend = %name, "the state file names no configured backend; ignored");
+            }
+        }
+    }
     let mut handle = crate::server::start(config).await?;
     handle.proxy.set_config_path(path);
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = usr1.recv() => {
+                let proxy = handle.proxy.clone();
+                tokio::spawn(async move {
+                    let report = crate::cutover::run(&proxy, None, false).await;
+                    tracing::info!(outcome = report.outcome.as_str(), reason = ?report.reason, "SIGUSR1: cutover finished");
+                });
+            }
             _ = hup.recv() => {
                 if let Err(e) = handle.proxy.reload().await {
                     tracing::error!("SIGHUP: reload rejected, the running configuration stays: {e:#}");

@@ -123,6 +123,11 @@ pub struct BackendConfig {
     pub tls_ca: Option<PathBuf>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// The cutover's own connections (fence, catch-up, sequences, preflight) log in
+    /// as this user: a superuser, or one with the privileges those steps need.
+    #[serde(default = "default_admin_user")]
+    pub admin_user: String,
+    pub admin_password: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -152,6 +157,15 @@ pub struct CutoverConfig {
     pub sequence_margin: i64,
     #[serde(default = "default_true")]
     pub fence_source: bool,
+    /// Databases to cut over besides those with sessions at the time.
+    #[serde(default)]
+    pub databases: Vec<String>,
+    /// Where the active backend is recorded after a cutover (default: the config
+    /// file's path with `.state` appended).
+    pub state_file: Option<PathBuf>,
+    /// Preflight refuses when the target lags the source by more than this (bytes).
+    #[serde(default = "default_max_lag")]
+    pub max_lag_bytes: u64,
 }
 
 fn default_max_clients() -> usize {
@@ -180,6 +194,12 @@ fn default_catchup_timeout() -> Duration {
 }
 fn default_max_pause() -> Duration {
     Duration::from_secs(10)
+}
+fn default_admin_user() -> String {
+    "postgres".into()
+}
+fn default_max_lag() -> u64 {
+    16 * 1024 * 1024
 }
 fn default_true() -> bool {
     true

@@ -28,6 +28,8 @@ pub struct Gate {
     epoch: AtomicU64,
     current: Mutex<Option<ActivePause>>,
     stats: Mutex<GateStats>,
+    /// The longest hold of the current (or last) pause, µs.
+    longest_hold_us: AtomicU64,
 }
 
 struct ActivePause {
@@ -136,6 +138,7 @@ impl Gate {
                 drain_us: histogram(),
                 hold_us: histogram(),
             }),
+            longest_hold_us: AtomicU64::new(0),
         }
     }
 
@@ -186,6 +189,7 @@ impl Gate {
         let _ = rx.wait_for(|open| *open).await;
         self.held_now.fetch_sub(1, Ordering::Relaxed);
         if let Some(held) = info.set_held(false) {
+            self.longest_hold_us.fetch_max(held.as_micros() as u64, Ordering::Relaxed);
             self.with_stats(|s| {
                 s.held_requests += 1;
                 record(&mut s.hold_us, held);
@@ -200,6 +204,7 @@ impl Gate {
             return Err(PauseError::AlreadyPaused);
         }
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        self.longest_hold_us.store(0, Ordering::Relaxed);
         self.closed.store(true, Ordering::SeqCst);
         self.open_tx.send_replace(false);
         let gate = self.clone();
@@ -243,6 +248,11 @@ impl Gate {
         Ok(since.elapsed())
     }
 
+    /// The longest any request was held in the current or last pause.
+    pub fn longest_hold(&self) -> Duration {
+        Duration::from_micros(self.longest_hold_us.load(Ordering::Relaxed))
+    }
+
     fn is_epoch(&self, epoch: u64) -> bool {
         self.lock_current().as_ref().is_some_and(|p| p.epoch == epoch)
     }
@@ -254,9 +264,16 @@ impl Gate {
 /// cancels what still runs and ends open transactions (each such client gets one
 /// 40001), `Abort` reopens the gate and reports who was in the way.
 pub async fn pause(proxy: &Arc<Proxy>, timeout: Option<Duration>, on_timeout: OnDrainTimeout) -> Result<DrainReport, PauseError> {
-    let gate = proxy.gate();
     let max_pause = proxy.config().cutover.max_pause;
-    let epoch = gate.close(max_pause)?;
+    pause_with_watchdog(proxy, timeout, on_timeout, max_pause).await
+}
+
+/// As [`pause`], with the gate reopening by itself after `watchdog` (a cutover
+/// bounds its own pause, and must not find the gate open behind its back).
+pub async fn pause_with_watchdog(proxy: &Arc<Proxy>, timeout: Option<Duration>, on_timeout: OnDrainTimeout, watchdog: Duration) -> Result<DrainReport, PauseError> {
+    let gate = proxy.gate();
+    let max_pause = watchdog;
+    let epoch = gate.close(watchdog)?;
     let started = Instant::now();
     let in_flight_at = |proxy: &Proxy| proxy.sessions.list().into_iter().filter(|s| !s.quiescent()).collect::<Vec<_>>();
     let waited_for = in_flight_at(proxy).len();

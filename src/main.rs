@@ -43,6 +43,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move every session to another backend (default: [cutover] target).
+    Cutover {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// The backend to move to.
+        #[arg(long)]
+        to: Option<String>,
+        /// Skip the preflight checks that do not guard data.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the cutover's preflight checks only.
+    Check {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Start throwaway clusters, put the proxy in front, and run a load through it.
     Demo {
         /// Seconds of load.
@@ -55,6 +79,39 @@ async fn console(config: &std::path::Path, command: &str, json: bool) -> anyhow:
     let rows = pgcutover::cli::admin_command(config, command).await?;
     pgcutover::cli::print_rows(&rows, json);
     Ok(())
+}
+
+/// CUTOVER and CHECK: print the answer; succeed only on a committed cutover or a
+/// preflight with nothing blocking.
+async fn cutover(config: &std::path::Path, verb: &str, to: Option<String>, force: bool, json: bool) -> anyhow::Result<()> {
+    let mut command = verb.to_string();
+    if let Some(to) = to {
+        command.push_str(&format!(" \"{}\"", to.replace('"', "\"\"")));
+    }
+    if force {
+        command.push_str(" FORCE");
+    }
+    let rows = pgcutover::cli::admin_command(config, &command).await?;
+    let value = |name: &str| rows.iter().find(|r| r.first().and_then(|c| c.1.as_deref()) == Some(name)).and_then(|r| r.get(1)).and_then(|c| c.1.clone());
+    if verb == "CUTOVER" {
+        if json {
+            println!("{}", value("json").unwrap_or_default());
+        } else {
+            let readable: Vec<_> = rows.iter().filter(|r| r.first().and_then(|c| c.1.as_deref()) != Some("json")).cloned().collect();
+            pgcutover::cli::print_rows(&readable, false);
+        }
+        match value("outcome").as_deref() {
+            Some("committed") => Ok(()),
+            other => anyhow::bail!("cutover {}: {}", other.unwrap_or("failed"), value("reason").unwrap_or_default()),
+        }
+    } else {
+        pgcutover::cli::print_rows(&rows, json);
+        let failed = rows.iter().filter(|r| r.get(1).and_then(|c| c.1.as_deref()) == Some("fail")).count();
+        if failed > 0 {
+            anyhow::bail!("{failed} check(s) failed");
+        }
+        Ok(())
+    }
 }
 
 fn init_logging() {
@@ -84,6 +141,8 @@ fn main() -> ExitCode {
             }
             Command::Resume { config, json } => console(&config, "RESUME", json).await,
             Command::Status { config, json } => console(&config, "SHOW STATUS", json).await,
+            Command::Cutover { config, to, force, json } => cutover(&config, "CUTOVER", to, force, json).await,
+            Command::Check { config, to, force, json } => cutover(&config, "CHECK", to, force, json).await,
             Command::Demo { seconds } => pgcutover::demo::run(std::time::Duration::from_secs(seconds)).await,
         }
     });

@@ -43,6 +43,11 @@ pub struct Proxy {
     /// What `client_slots` was sized for, to resize it on reload.
     max_clients: AtomicUsize,
     shutting_down: AtomicBool,
+    /// One cutover at a time.
+    pub(crate) cutover_lock: tokio::sync::Mutex<()>,
+    cutover_running: AtomicBool,
+    tally: crate::cutover::Tally,
+    last_report: Mutex<Option<crate::cutover::CutoverReport>>,
 }
 
 fn build_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<BackendTarget>>> {
@@ -85,6 +90,10 @@ impl Proxy {
             listen_addr: Mutex::new(None),
             max_clients: AtomicUsize::new(max_clients),
             shutting_down: AtomicBool::new(false),
+            cutover_lock: tokio::sync::Mutex::new(()),
+            cutover_running: AtomicBool::new(false),
+            tally: Default::default(),
+            last_report: Mutex::new(None),
         })
     }
 
@@ -120,12 +129,41 @@ impl Proxy {
         &self.mock_secret
     }
 
+    pub fn cutover_running(&self) -> bool {
+        self.cutover_running.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_cutover_running(&self, running: bool) {
+        self.cutover_running.store(running, Ordering::SeqCst);
+    }
+
+    pub fn cutover_tally(&self) -> &crate::cutover::Tally {
+        &self.tally
+    }
+
+    pub fn last_report(&self) -> Option<crate::cutover::CutoverReport> {
+        self.last_report.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_last_report(&self, report: crate::cutover::CutoverReport) {
+        *self.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+    }
+
+    /// Repoints the proxy: new sessions, and sessions that move, go to `target`.
+    pub(crate) fn set_active(&self, target: Arc<BackendTarget>) {
+        self.active.store(target);
+    }
+
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
 
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         *self.listen_addr.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.config_path.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn set_config_path(&self, path: &Path) {

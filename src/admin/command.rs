@@ -4,7 +4,8 @@
 //! SHOW { STATUS | SESSIONS | BACKENDS | STATS | CUTOVER }
 //! PAUSE [ duration ]        duration: 500ms, 2s, '1.5s', 250 (milliseconds)
 //! RESUME | RELOAD
-//! CUTOVER [ target ]
+//! CUTOVER [ target ] [ FORCE ]
+//! CHECK [ target ] [ FORCE ]
 //! ```
 //! Keywords are case-insensitive; identifiers may be double-quoted; one trailing
 //! semicolon is allowed.
@@ -17,7 +18,8 @@ pub enum Command {
     Pause(Option<Duration>),
     Resume,
     Reload,
-    Cutover(Option<String>),
+    Cutover { target: Option<String>, force: bool },
+    Check { target: Option<String>, force: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,15 +154,19 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
         }
         "RESUME" => no_more(0).map(|_| Command::Resume),
         "RELOAD" => no_more(0).map(|_| Command::Reload),
-        "CUTOVER" => {
-            no_more(1)?;
-            match rest.first() {
-                None => Ok(Command::Cutover(None)),
-                Some(Token::Word(w) | Token::Ident(w) | Token::Quoted(w)) => Ok(Command::Cutover(Some(w.clone()))),
-                Some(t) => err(format!("CUTOVER takes a backend name, not {}", describe(t))),
+        "CUTOVER" | "CHECK" => {
+            let mut target = None;
+            let mut force = false;
+            for t in rest {
+                match t {
+                    Token::Word(w) if w.eq_ignore_ascii_case("force") && !force => force = true,
+                    Token::Word(w) | Token::Ident(w) | Token::Quoted(w) if target.is_none() && !force => target = Some(w.clone()),
+                    t => return err(format!("{verb} takes a backend name and FORCE, not {}", describe(t))),
+                }
             }
+            Ok(if verb == "CUTOVER" { Command::Cutover { target, force } } else { Command::Check { target, force } })
         }
-        other => err(format!("unknown command {other}: try SHOW, PAUSE, RESUME, RELOAD or CUTOVER")),
+        other => err(format!("unknown command {other}: try SHOW, PAUSE, RESUME, RELOAD, CHECK or CUTOVER")),
     }
 }
 
@@ -186,7 +192,10 @@ mod tests {
         assert_eq!(parse("PAUSE '1.5s'").unwrap(), Command::Pause(Some(Duration::from_millis(1500))));
         assert_eq!(parse("pause 250").unwrap(), Command::Pause(Some(Duration::from_millis(250))));
         assert_eq!(parse("PAUSE 500ms").unwrap(), Command::Pause(Some(Duration::from_millis(500))));
-        assert_eq!(parse("CUTOVER \"green\"").unwrap(), Command::Cutover(Some("green".into())));
+        assert_eq!(parse("CUTOVER \"green\"").unwrap(), Command::Cutover { target: Some("green".into()), force: false });
+        assert_eq!(parse("cutover").unwrap(), Command::Cutover { target: None, force: false });
+        assert_eq!(parse("CUTOVER green force").unwrap(), Command::Cutover { target: Some("green".into()), force: true });
+        assert_eq!(parse("CHECK blue").unwrap(), Command::Check { target: Some("blue".into()), force: false });
         assert_eq!(parse("  resume ; ").unwrap(), Command::Resume);
     }
 

@@ -103,9 +103,22 @@ pub async fn execute(proxy: &Arc<Proxy>, sql: &str) -> Result<ResultSet, PgError
         Command::Pause(timeout) => pause::pause(proxy, timeout).await,
         Command::Resume => pause::resume(proxy),
         Command::Reload => reload::reload(proxy).await,
-        Command::Show(Show::Cutover) | Command::Cutover(_) => Err(PgError::error(
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            "the cutover is not part of this build yet",
-        )),
+        Command::Show(Show::Cutover) => Ok(match proxy.last_report() {
+            Some(r) => ResultSet::key_values(r.pairs()),
+            None => ResultSet::key_values(Vec::<(String, String)>::new()),
+        }),
+        Command::Cutover { target, force } => {
+            let report = crate::cutover::run(proxy, target.as_deref(), force).await;
+            Ok(ResultSet::key_values(report.pairs()).tag("CUTOVER"))
+        }
+        Command::Check { target, force } => {
+            let checks = crate::cutover::check(proxy, target.as_deref()).await.map_err(|e| PgError::error(sqlstate::CONNECTION_FAILURE, format!("{e:#}")))?;
+            let mut rs = ResultSet::new(&["check", "status", "detail"]);
+            for c in checks {
+                let status = if c.ok { "ok" } else if c.guards_data || !force { "fail" } else { "skipped (--force)" };
+                rs.row(vec![Some(c.name), Some(status.into()), Some(c.detail)]);
+            }
+            Ok(rs.tag("CHECK"))
+        }
     }
 }

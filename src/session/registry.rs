@@ -68,6 +68,8 @@ pub enum Control {
     Shutdown,
     /// End the session now.
     Kill,
+    /// Move to the active backend now (sent while the session is held).
+    Migrate,
 }
 
 /// Whether a pause's deadline cancelled this session's work.
@@ -102,6 +104,11 @@ pub struct SessionInfo {
     pub(crate) shutting_down: AtomicBool,
     /// Answers to queries the proxy injected, which the client must not see.
     pub(crate) swallow: AtomicU32,
+    /// What the session logged in with, to log in elsewhere on its behalf.
+    pub startup_params: Vec<(String, String)>,
+    pub creds: crate::auth::BackendCredentials,
+    /// A connection to the cutover's target, opened before the pause.
+    pub(crate) prewarmed: Mutex<Option<(Arc<BackendTarget>, crate::backend::BackendConn)>>,
 }
 
 impl SessionInfo {
@@ -154,6 +161,15 @@ impl SessionInfo {
         }
     }
 
+    /// Parks a prewarmed connection to `target` for the session's next move.
+    pub fn set_prewarmed(&self, target: Arc<BackendTarget>, conn: crate::backend::BackendConn) {
+        *self.prewarmed.lock().unwrap_or_else(|p| p.into_inner()) = Some((target, conn));
+    }
+
+    pub(crate) fn take_prewarmed(&self) -> Option<(Arc<BackendTarget>, crate::backend::BackendConn)> {
+        self.prewarmed.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     /// Sends a control request to the session; false if it has ended.
     pub fn control(&self, c: Control) -> bool {
         self.control.send(c).is_ok()
@@ -176,6 +192,8 @@ pub struct NewSession {
     pub client_addr: String,
     pub backend: BackendLink,
     pub tx_status: u8,
+    pub startup_params: Vec<(String, String)>,
+    pub creds: crate::auth::BackendCredentials,
 }
 
 #[derive(Default)]
@@ -219,6 +237,9 @@ impl Registry {
             cancel_mark: AtomicU8::new(CANCEL_NONE),
             shutting_down: AtomicBool::new(false),
             swallow: AtomicU32::new(0),
+            startup_params: new.startup_params,
+            creds: new.creds,
+            prewarmed: Mutex::new(None),
         });
         map.insert(pid, info.clone());
         (SessionGuard { registry: self.clone(), info }, control_rx)

@@ -113,6 +113,8 @@ pub enum End {
     BackendProtocol(FrameError),
     /// The proxy is shutting down (or was told to end this session).
     Shutdown,
+    /// The session is idle and must move to the active backend.
+    Migrate,
 }
 
 /// The client→backend side's state beyond its buffer.
@@ -149,6 +151,7 @@ impl<'a> Upstream<'a> {
     async fn on_control<W: AsyncWrite + Unpin>(&mut self, c: Control, pump: &Pump, wr: &mut W) -> Option<End> {
         match c {
             Control::Kill => Some(End::Shutdown),
+            Control::Migrate => (self.info.quiescent() && pump.scanner.at_boundary() && self.info.swallow.load(Ordering::SeqCst) == 0).then_some(End::Migrate),
             Control::Shutdown => {
                 self.info.shutting_down.store(true, Ordering::SeqCst);
                 (self.info.quiescent() && pump.scanner.at_boundary()).then_some(End::Shutdown)
@@ -447,6 +450,8 @@ pub mod fuzzing {
             tls: crate::config::BackendTlsMode::Disable,
             tls_ca: None,
             connect_timeout: std::time::Duration::from_secs(1),
+            admin_user: "postgres".into(),
+            admin_password: None,
         };
         let target = match BackendTarget::new("fuzz", &config) {
             Ok(t) => Arc::new(t),
@@ -459,6 +464,8 @@ pub mod fuzzing {
             client_addr: "fuzz".into(),
             backend: BackendLink { target, key: CancelKey { pid: 1234, secret: 1 } },
             tx_status: b'I',
+            startup_params: Vec::new(),
+            creds: Default::default(),
         })
     }
 }

@@ -1,0 +1,127 @@
+//! Preflight: the conditions a cutover needs, checked before anything pauses, and
+//! on their own by `pgcutover check`.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    /// A failed check that guards data refuses the cutover even with --force.
+    pub guards_data: bool,
+    pub detail: String,
+}
+
+impl Check {
+    fn new(name: impl Into<String>, guards_data: bool, problem: Option<String>) -> Check {
+        Check { name: name.into(), ok: problem.is_none(), guards_data, detail: problem.unwrap_or_default() }
+    }
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mark = if self.ok { "ok" } else if self.guards_data { "FAIL" } else { "WARN" };
+        if self.detail.is_empty() {
+            write!(f, "{mark}: {}", self.name)
+        } else {
+            write!(f, "{mark}: {}: {}", self.name, self.detail)
+        }
+    }
+}
+
+fn list(rows: Vec<tokio_postgres::Row>) -> Option<String> {
+    let items: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    (!items.is_empty()).then(|| items.join(", "))
+}
+
+/// Checks one database. `our_pids` are the source backends of the proxy's own sessions.
+pub async fn check_database(
+    db: &str,
+    src: &Client,
+    dst: &Client,
+    our_pids: &[i32],
+    admin_user: &str,
+    drain_timeout: Duration,
+    max_lag: u64,
+) -> anyhow::Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let sub = super::catchup::subscription(dst).await?;
+    let sub_name = sub.as_ref().map(|s| s.0.clone()).unwrap_or_default();
+    checks.push(Check::new(
+        format!("{db}: subscription on the target, enabled"),
+        true,
+        match &sub {
+            None => Some("no subscription in this database on the target".into()),
+            Some((name, false)) => Some(format!("subscription {name} is disabled")),
+            Some(_) => None,
+        },
+    ));
+    let worker: bool = dst.query_one("SELECT EXISTS (SELECT 1 FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL)", &[&sub_name]).await?.get(0);
+    checks.push(Check::new(format!("{db}: subscription worker running"), true, (!worker).then(|| format!("no apply worker for {sub_name}"))));
+    let not_ready = dst
+        .query("SELECT srrelid::regclass::text || ' (' || srsubstate::text || ')' FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = $1 AND srsubstate <> 'r'", &[&sub_name])
+        .await?;
+    checks.push(Check::new(format!("{db}: every table synchronised (state r)"), true, list(not_ready)));
+    let errors = dst
+        .query("SELECT subname::text || ': ' || apply_error_count || ' apply, ' || sync_error_count || ' sync errors' FROM pg_stat_subscription_stats WHERE subname = $1 AND (apply_error_count > 0 OR sync_error_count > 0)", &[&sub_name])
+        .await?;
+    checks.push(Check::new(format!("{db}: no replication errors"), true, list(errors)));
+    let no_identity = src
+        .query(
+            "SELECT format('%I.%I', c.relnamespace::regnamespace, c.relname) FROM pg_publication_tables pt \
+             JOIN pg_class c ON c.oid = format('%I.%I', pt.schemaname, pt.tablename)::regclass \
+             WHERE c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)) \
+             OR (c.relreplident = 'i' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident))",
+            &[],
+        )
+        .await?;
+    checks.push(Check::new(format!("{db}: replica identity on every published table"), true, list(no_identity)));
+    let lobs: bool = src.query_one("SELECT EXISTS (SELECT 1 FROM pg_largeobject_metadata)", &[]).await?.get(0);
+    checks.push(Check::new(format!("{db}: no large objects"), true, lobs.then(|| "large objects do not replicate".to_string())));
+    let unlogged = src.query("SELECT format('%I.%I', relnamespace::regnamespace, relname) FROM pg_class WHERE relpersistence = 'u' AND relkind IN ('r', 'p')", &[]).await?;
+    checks.push(Check::new(format!("{db}: no unlogged tables"), true, list(unlogged)));
+    let columns = "SELECT format('%I.%I.%I %s', table_schema, table_name, column_name, data_type) FROM information_schema.columns \
+                   WHERE table_schema NOT IN ('pg_catalog', 'information_schema') AND table_schema NOT LIKE 'pg_toast%' ORDER BY 1";
+    let a: Vec<String> = src.query(columns, &[]).await?.iter().map(|r| r.get(0)).collect();
+    let b: Vec<String> = dst.query(columns, &[]).await?.iter().map(|r| r.get(0)).collect();
+    let only_src: Vec<&String> = a.iter().filter(|c| !b.contains(c)).collect();
+    let only_dst: Vec<&String> = b.iter().filter(|c| !a.contains(c)).collect();
+    let schema_diff = (!only_src.is_empty() || !only_dst.is_empty()).then(|| {
+        format!("only on the source: {only_src:?}; only on the target: {only_dst:?}")
+    });
+    checks.push(Check::new(format!("{db}: same tables and columns on both sides"), true, schema_diff));
+    let lag: Option<i64> = src
+        .query_one("SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::int8 FROM pg_stat_replication WHERE application_name = $1", &[&sub_name])
+        .await?
+        .get(0);
+    checks.push(Check::new(
+        format!("{db}: replication lag under {max_lag} bytes"),
+        false,
+        match lag {
+            None => Some("the subscription's walsender is not connected".into()),
+            Some(l) if l as u64 > max_lag => Some(format!("{l} bytes behind")),
+            _ => None,
+        },
+    ));
+    let strangers = src
+        .query(
+            "SELECT usename::text || ' from ' || coalesce(client_addr::text, 'local') || ' (pid ' || pid || ')' FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY($1)) AND usename <> $2",
+            &[&our_pids, &admin_user],
+        )
+        .await?;
+    checks.push(Check::new(format!("{db}: no sessions on the source bypassing the proxy"), false, list(strangers)));
+    let secs = drain_timeout.as_secs_f64();
+    let long = src
+        .query(
+            "SELECT 'pid ' || pid || ' open for ' || round(extract(epoch FROM now() - xact_start)::numeric, 1) || ' s' FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND datname = current_database() AND xact_start < now() - make_interval(secs => $1) AND pid <> pg_backend_pid()",
+            &[&secs],
+        )
+        .await?;
+    checks.push(Check::new(format!("{db}: no transaction open longer than drain_timeout"), false, list(long)));
+    Ok(checks)
+}

@@ -1,0 +1,108 @@
+//! The cutover report: what happened, phase by phase, for the CLI, `--json`, SHOW
+//! CUTOVER and the log.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Committed,
+    RolledBack,
+    /// Refused before anything was touched (preflight, another cutover running).
+    Refused,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Committed => "committed",
+            Outcome::RolledBack => "rolled back",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub name: &'static str,
+    pub ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Catchup {
+    pub database: String,
+    pub subscription: String,
+    pub lsn: String,
+    pub reached_after_ms: f64,
+    /// `replay_lsn` (source) or `latest_end_lsn` (target).
+    pub detected_by: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CutoverReport {
+    pub id: u64,
+    pub from: String,
+    pub to: String,
+    pub started_at: String,
+    pub outcome: Outcome,
+    pub failed_phase: Option<String>,
+    pub reason: Option<String>,
+    pub phases: Vec<Phase>,
+    /// From the gate closing to the gate opening.
+    pub pause_ms: f64,
+    pub databases: Vec<String>,
+    pub sessions_moved: usize,
+    pub sessions_cancelled: usize,
+    pub sessions_closed: usize,
+    pub closed: Vec<String>,
+    pub held_requests: u64,
+    pub longest_hold_ms: f64,
+    pub sequences_copied: u64,
+    pub catchup: Vec<Catchup>,
+    pub preflight: Vec<String>,
+}
+
+pub fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+impl CutoverReport {
+    pub fn committed(&self) -> bool {
+        self.outcome == Outcome::Committed
+    }
+
+    /// `name | value` pairs for the console and the CLI.
+    pub fn pairs(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = vec![
+            ("outcome".into(), self.outcome.as_str().into()),
+            ("from".into(), self.from.clone()),
+            ("to".into(), self.to.clone()),
+            ("started_at".into(), self.started_at.clone()),
+            ("failed_phase".into(), self.failed_phase.clone().unwrap_or_default()),
+            ("reason".into(), self.reason.clone().unwrap_or_default()),
+            ("pause_ms".into(), format!("{:.3}", self.pause_ms)),
+        ];
+        for p in &self.phases {
+            v.push((format!("phase_{}_ms", p.name), format!("{:.3}", p.ms)));
+        }
+        v.extend([
+            ("databases".into(), self.databases.join(",")),
+            ("sessions_moved".into(), self.sessions_moved.to_string()),
+            ("sessions_cancelled".into(), self.sessions_cancelled.to_string()),
+            ("sessions_closed".into(), self.sessions_closed.to_string()),
+            ("held_requests".into(), self.held_requests.to_string()),
+            ("longest_hold_ms".into(), format!("{:.3}", self.longest_hold_ms)),
+            ("sequences_copied".into(), self.sequences_copied.to_string()),
+        ]);
+        for c in &self.catchup {
+            v.push((format!("catchup_{}", c.database), format!("{} reached after {:.3} ms ({})", c.lsn, c.reached_after_ms, c.detected_by)));
+        }
+        for (i, p) in self.preflight.iter().enumerate() {
+            v.push((format!("preflight_{}", i + 1), p.clone()));
+        }
+        v.push(("json".into(), serde_json::to_string(self).unwrap_or_default()));
+        v
+    }
+}
