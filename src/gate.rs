@@ -181,13 +181,23 @@ impl Gate {
 
     /// Session side: holds until the gate opens. The caller has taken back its
     /// request unit, so the session counts as quiescent while it waits.
+    ///
+    /// Cancellation-safe: a hold interrupted (to move the session, say) leaves the
+    /// request counted as held from its first hold until it is finally let through.
     pub async fn hold(&self, rx: &mut watch::Receiver<bool>, info: &SessionInfo) {
+        struct Holding<'a>(&'a AtomicI64);
+        impl Drop for Holding<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         info.set_held(true);
         self.held_now.fetch_add(1, Ordering::Relaxed);
+        let holding = Holding(&self.held_now);
         self.notify_quiescent();
         // An error means the proxy is going away; stop holding either way.
         let _ = rx.wait_for(|open| *open).await;
-        self.held_now.fetch_sub(1, Ordering::Relaxed);
+        drop(holding);
         if let Some(held) = info.set_held(false) {
             self.longest_hold_us.fetch_max(held.as_micros() as u64, Ordering::Relaxed);
             self.with_stats(|s| {

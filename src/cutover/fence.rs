@@ -19,12 +19,31 @@ pub struct Fence {
     pub terminated: i64,
 }
 
+/// Reloads the server's configuration and returns once every backend will have
+/// reloaded before its next command.
+///
+/// `pg_conf_load_time()` is when *this* backend last loaded the files; it changes
+/// on our next command only after the postmaster has re-read them and signalled
+/// every child, so from then on no backend runs a command under the old settings.
+pub async fn reload(c: &Client) -> anyhow::Result<()> {
+    let before: String = c.query_one("SELECT pg_conf_load_time()::text", &[]).await?.get(0);
+    c.batch_execute("SELECT pg_reload_conf()").await?;
+    for _ in 0..5000 {
+        let now: String = c.query_one("SELECT pg_conf_load_time()::text", &[]).await?.get(0);
+        if now != before {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    anyhow::bail!("the server did not reload its configuration within 5 s")
+}
+
 pub async fn fence(src: &Client, roles: &[String], keep_pids: &[i32], admin_user: &str) -> anyhow::Result<Fence> {
     let mut f = Fence::default();
     src.batch_execute("SET default_transaction_read_only = off").await?;
     src.batch_execute("ALTER SYSTEM SET default_transaction_read_only = on").await.context("ALTER SYSTEM")?;
     f.read_only = true;
-    src.batch_execute("SELECT pg_reload_conf()").await?;
+    reload(src).await?;
     let rows = src
         .query("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1) AND rolcanlogin AND rolname <> $2", &[&roles, &admin_user])
         .await?;
@@ -50,10 +69,8 @@ pub async fn unfence(src: &Client, f: &Fence) -> anyhow::Result<()> {
     }
     if f.read_only {
         src.batch_execute("ALTER SYSTEM RESET default_transaction_read_only").await?;
-        src.batch_execute("SELECT pg_reload_conf()").await?;
-        // Backends take the reload when the postmaster forwards the signal; give it
-        // that moment before held sessions write again.
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Held sessions write again as soon as the gate opens.
+        reload(src).await?;
     }
     Ok(())
 }

@@ -75,7 +75,6 @@ struct Run<'a> {
     databases: Vec<Database>,
     fence: Option<fence::Fence>,
     paused: bool,
-    held_before: u64,
 }
 
 /// Runs one cutover to `to` (default: `[cutover] target`). Never panics on a
@@ -122,7 +121,7 @@ pub async fn run(proxy: &Arc<Proxy>, to: Option<&str>, force: bool) -> CutoverRe
         return refuse(report, "start", format!("{to_name} is already the active backend"));
     }
     tracing::info!(id, from = %source.name, to = %target.name, "cutover starting");
-    let mut run = Run { proxy, report, source, target, databases: Vec::new(), fence: None, paused: false, held_before: 0 };
+    let mut run = Run { proxy, report, source, target, databases: Vec::new(), fence: None, paused: false };
     let outcome = run.execute(force).await;
     let report = match outcome {
         Ok(()) => run.report,
@@ -215,7 +214,6 @@ impl Run<'_> {
         // Pause and drain.
         self.proxy.set_cutover_running(true);
         self.proxy.cutover_tally().reset();
-        self.held_before = self.proxy.gate().stats().held_requests;
         let t = Instant::now();
         let deadline = t + cut.max_pause;
         let drained = crate::gate::pause_with_watchdog(self.proxy, Some(cut.drain_timeout), cut.on_drain_timeout, cut.max_pause + Duration::from_secs(30))
@@ -224,6 +222,12 @@ impl Run<'_> {
         self.paused = true;
         self.report.sessions_cancelled = drained.cancelled.len();
         self.record("drain", t);
+        // Sessions copy their state onto the target while the source is fenced
+        // and caught up: at the switch only the swap remains.
+        let sessions = self.on_source();
+        for s in &sessions {
+            s.control(Control::Prepare);
+        }
 
         // Everything up to the repoint fits in max_pause, or rolls back.
         let bounded = tokio::time::timeout_at(deadline.into(), self.fence_catch_up_sequences(force)).await;
@@ -231,6 +235,15 @@ impl Run<'_> {
             Ok(r) => r?,
             Err(_) => return Err(("max_pause", format!("the cutover would have paused traffic longer than max_pause ({:?})", cut.max_pause))),
         }
+        // A session that has not copied its state by now copies it at the switch.
+        let t = Instant::now();
+        let _ = tokio::time::timeout_at(deadline.min(t + MOVE_TIMEOUT).into(), async {
+            while sessions.iter().any(|s| s.prepared() == Some(crate::session::registry::Prepared::No)) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        self.record("prepare_sessions", t);
 
         // The point of no return.
         let t = Instant::now();
@@ -247,12 +260,13 @@ impl Run<'_> {
         self.move_sessions().await;
         self.record("move_sessions", t);
 
+        // The holds end as the gate opens: measure them now.
+        let held: Vec<Duration> = self.proxy.sessions.list().iter().filter_map(|s| s.held_since()).map(|t| t.elapsed().unwrap_or_default()).collect();
         let paused = self.proxy.gate().resume().unwrap_or_default();
         self.paused = false;
         self.report.pause_ms = ms(paused);
-        let stats = self.proxy.gate().stats();
-        self.report.held_requests = stats.held_requests - self.held_before;
-        self.report.longest_hold_ms = ms(self.proxy.gate().longest_hold());
+        self.report.held_requests = held.len() as u64;
+        self.report.longest_hold_ms = ms(held.into_iter().max().unwrap_or_default());
         self.report.outcome = Outcome::Committed;
         self.proxy.set_cutover_running(false);
 
@@ -366,9 +380,7 @@ impl Run<'_> {
             }
         }
         for s in self.proxy.sessions.list() {
-            if let Some((_, conn)) = s.take_prewarmed() {
-                drop(conn);
-            }
+            drop(s.take_prewarmed());
         }
         if self.report.outcome != Outcome::Refused || phase != "preflight" {
             self.report.outcome = Outcome::RolledBack;

@@ -18,7 +18,7 @@ use crate::client::Login;
 use crate::net::Stream;
 use crate::protocol::{sqlstate, write, PgError};
 use crate::server::Proxy;
-use registry::{BackendLink, NewSession, SessionInfo};
+use registry::{BackendLink, NewSession, Prepared, Prewarmed, SessionInfo};
 use relay::{End, Pump, Upstream};
 
 /// Writes a FATAL error to a client and closes it, best effort.
@@ -94,6 +94,11 @@ pub async fn run(proxy: Arc<Proxy>, mut login: Login) {
         client = c;
         backend.stream = b;
         match end {
+            End::Prepare => {
+                if down.peer_at_boundary() {
+                    prepare_move(&info, &mut client, &mut backend.stream).await;
+                }
+            }
             End::Migrate if !down.peer_at_boundary() => {
                 // The client holds part of a message from the old backend: it cannot
                 // be switched mid-message.
@@ -136,15 +141,39 @@ async fn relay_until_end(
     (crd.unsplit(cwr), brd.unsplit(bwr), end)
 }
 
+/// While the session is held, copies its state onto its prewarmed connection so
+/// that the switch itself is only a swap. The state cannot change until then: the
+/// session sends nothing while the gate is closed.
+async fn prepare_move(info: &Arc<SessionInfo>, client: &mut Stream, old: &mut Stream) {
+    let Some(mut slot) = info.take_prewarmed() else { return };
+    if slot.state == Prepared::No {
+        let mut asynchronous = Vec::new();
+        let copied = async {
+            let state = migrate::read_state(old, &mut asynchronous).await?;
+            migrate::replay(&mut slot.conn.stream, &state, &mut asynchronous).await
+        }
+        .await;
+        for frame in &asynchronous {
+            let _ = client.write_all(frame).await;
+        }
+        slot.state = match copied {
+            Ok(()) => Prepared::Yes,
+            Err(e) => Prepared::Failed(e.to_string()),
+        };
+    }
+    info.put_prewarmed(slot);
+}
+
 /// Moves an idle session to the active backend: reads its state back from the old
-/// backend, replays it on a connection opened beforehand (or now), and swaps. A
-/// session whose state cannot move gets a clear error and is closed.
+/// backend, replays it on a connection opened beforehand (or now), and swaps — or
+/// only swaps, when the state was copied beforehand. A session whose state cannot
+/// move gets a clear error and is closed.
 async fn move_backend(proxy: &Arc<Proxy>, info: &Arc<SessionInfo>, client: &mut Stream, mut old: BackendConn) -> Option<BackendConn> {
     let active = proxy.active_backend();
-    let (target, mut new) = match info.take_prewarmed() {
-        Some((t, c)) if Arc::ptr_eq(&t, &active) || t.name == active.name => (t, c),
+    let (target, mut new, prepared) = match info.take_prewarmed() {
+        Some(Prewarmed { target, conn, state }) if target.name == active.name => (target, conn, state),
         _ => match active.connect(&info.startup_params, &info.creds).await {
-            Ok(c) => (active.clone(), c),
+            Ok(c) => (active.clone(), c, Prepared::No),
             Err(e) => {
                 tracing::warn!(session = info.id, error = %e, "cannot open a connection on the new backend");
                 proxy.cutover_tally().closed(info.id, e.to_string());
@@ -155,11 +184,16 @@ async fn move_backend(proxy: &Arc<Proxy>, info: &Arc<SessionInfo>, client: &mut 
         },
     };
     let mut asynchronous = Vec::new();
-    let moved = async {
-        let state = migrate::read_state(&mut old.stream, &mut asynchronous).await?;
-        migrate::replay(&mut new.stream, &state, &mut asynchronous).await
-    }
-    .await;
+    let moved = match prepared {
+        Prepared::Yes => Ok(()),
+        Prepared::Failed(why) => Err(why),
+        Prepared::No => async {
+            let state = migrate::read_state(&mut old.stream, &mut asynchronous).await?;
+            migrate::replay(&mut new.stream, &state, &mut asynchronous).await
+        }
+        .await
+        .map_err(|e| e.to_string()),
+    };
     // What the old backend said on its own while we asked belongs to the client.
     for frame in &asynchronous {
         let _ = client.write_all(frame).await;
@@ -192,7 +226,7 @@ async fn finish(end: End, info: &SessionInfo, client: &mut Stream, mut backend: 
     let link = info.backend();
     let backend_name = &link.target.name;
     match end {
-        End::ClientTerminated | End::Migrate => {}
+        End::ClientTerminated | End::Migrate | End::Prepare => {}
         End::Shutdown => {
             tell_client(client, down, PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command")).await;
             if up.peer_at_boundary() {

@@ -70,6 +70,24 @@ pub enum Control {
     Kill,
     /// Move to the active backend now (sent while the session is held).
     Migrate,
+    /// Copy the session's state onto its prewarmed connection now, ready to move.
+    Prepare,
+}
+
+/// A connection to a cutover's target, opened before the pause.
+pub struct Prewarmed {
+    pub target: Arc<BackendTarget>,
+    pub conn: crate::backend::BackendConn,
+    /// Whether the session's state was already replayed on it.
+    pub state: Prepared,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepared {
+    No,
+    Yes,
+    /// The state cannot move; the session is closed at the switch.
+    Failed(String),
 }
 
 /// Whether a pause's deadline cancelled this session's work.
@@ -108,7 +126,7 @@ pub struct SessionInfo {
     pub startup_params: Vec<(String, String)>,
     pub creds: crate::auth::BackendCredentials,
     /// A connection to the cutover's target, opened before the pause.
-    pub(crate) prewarmed: Mutex<Option<(Arc<BackendTarget>, crate::backend::BackendConn)>>,
+    pub(crate) prewarmed: Mutex<Option<Prewarmed>>,
 }
 
 impl SessionInfo {
@@ -154,7 +172,8 @@ impl SessionInfo {
     pub(crate) fn set_held(&self, held: bool) -> Option<std::time::Duration> {
         let mut h = self.held_since.lock().unwrap_or_else(|p| p.into_inner());
         if held {
-            *h = Some((Instant::now(), SystemTime::now()));
+            // Held again after an interrupted hold: the wait began the first time.
+            h.get_or_insert_with(|| (Instant::now(), SystemTime::now()));
             None
         } else {
             h.take().map(|(i, _)| i.elapsed())
@@ -163,11 +182,20 @@ impl SessionInfo {
 
     /// Parks a prewarmed connection to `target` for the session's next move.
     pub fn set_prewarmed(&self, target: Arc<BackendTarget>, conn: crate::backend::BackendConn) {
-        *self.prewarmed.lock().unwrap_or_else(|p| p.into_inner()) = Some((target, conn));
+        self.put_prewarmed(Prewarmed { target, conn, state: Prepared::No });
     }
 
-    pub(crate) fn take_prewarmed(&self) -> Option<(Arc<BackendTarget>, crate::backend::BackendConn)> {
+    pub(crate) fn put_prewarmed(&self, p: Prewarmed) {
+        *self.prewarmed.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+    }
+
+    pub(crate) fn take_prewarmed(&self) -> Option<Prewarmed> {
         self.prewarmed.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Whether the prewarmed connection has the session's state (None: no slot).
+    pub fn prepared(&self) -> Option<Prepared> {
+        self.prewarmed.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|p| p.state.clone())
     }
 
     /// Sends a control request to the session; false if it has ended.

@@ -115,6 +115,8 @@ pub enum End {
     Shutdown,
     /// The session is idle and must move to the active backend.
     Migrate,
+    /// The session is idle: copy its state onto its prewarmed connection.
+    Prepare,
 }
 
 /// The client→backend side's state beyond its buffer.
@@ -151,7 +153,10 @@ impl<'a> Upstream<'a> {
     async fn on_control<W: AsyncWrite + Unpin>(&mut self, c: Control, pump: &Pump, wr: &mut W) -> Option<End> {
         match c {
             Control::Kill => Some(End::Shutdown),
-            Control::Migrate => (self.info.quiescent() && pump.scanner.at_boundary() && self.info.swallow.load(Ordering::SeqCst) == 0).then_some(End::Migrate),
+            Control::Migrate | Control::Prepare => {
+                let idle = self.info.quiescent() && pump.scanner.at_boundary() && self.info.swallow.load(Ordering::SeqCst) == 0;
+                idle.then_some(if c == Control::Migrate { End::Migrate } else { End::Prepare })
+            }
             Control::Shutdown => {
                 self.info.shutting_down.store(true, Ordering::SeqCst);
                 (self.info.quiescent() && pump.scanner.at_boundary()).then_some(End::Shutdown)
