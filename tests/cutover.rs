@@ -214,3 +214,182 @@ async fn cutover_under_pgbench_extended_loses_and_fails_nothing() {
 async fn cutover_under_pgbench_simple_loses_and_fails_nothing() {
     cutover_under_pgbench("simple").await;
 }
+
+async fn blue_writable(f: &Fixture, db: &str) {
+    let c = f.blue().connect(db).await.unwrap();
+    let ro: String = c.query_one("SHOW default_transaction_read_only", &[]).await.unwrap().get(0);
+    assert_eq!(ro, "off", "blue is still fenced");
+    let login: bool = c.query_one("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'app'", &[]).await.unwrap().get(0);
+    assert!(login, "app lost LOGIN on blue");
+}
+
+#[tokio::test]
+async fn a_long_transaction_past_drain_timeout_gets_one_40001_with_cancel_and_goes_on_on_green() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "co_cancel";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let proxy = f.proxy(|c| c.cutover.drain_timeout = Duration::from_millis(300)).await;
+    let long = proxy.connect(db).await;
+    long.batch_execute("BEGIN; INSERT INTO t (v) VALUES (1)").await.unwrap();
+    let sleeper = tokio::spawn(async move {
+        let r = long.simple_query("SELECT pg_sleep(20)").await;
+        (long, r)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    assert_eq!(report["sessions_cancelled"], "1");
+    let (long, r) = sleeper.await.unwrap();
+    assert_eq!(common::sqlstate(&r.unwrap_err()), "40001");
+    long.batch_execute("ROLLBACK").await.unwrap();
+    let port: i32 = long.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+    assert_eq!(port as u16, f.green().port);
+    long.batch_execute("INSERT INTO t (v) VALUES (2)").await.unwrap();
+    let vs: Vec<i32> = f.green().connect(db).await.unwrap().query("SELECT v FROM t", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(vs, vec![2], "the cancelled transaction's row must not exist");
+}
+
+#[tokio::test]
+async fn a_long_transaction_past_drain_timeout_rolls_the_cutover_back_with_abort() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "co_abort";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let proxy = f
+        .proxy(|c| {
+            c.cutover.drain_timeout = Duration::from_millis(300);
+            c.cutover.on_drain_timeout = pgcutover::config::OnDrainTimeout::Abort;
+        })
+        .await;
+    let long = proxy.connect(db).await;
+    let other = proxy.connect(db).await;
+    long.batch_execute("BEGIN; INSERT INTO t (v) VALUES (1)").await.unwrap();
+    let sleeper = tokio::spawn(async move {
+        let r = long.simple_query("SELECT pg_sleep(1)").await.map(|_| ());
+        (long, r)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "rolled back", "{report:#?}");
+    assert_eq!(report["failed_phase"], "drain");
+    let (long, r) = sleeper.await.unwrap();
+    r.expect("nothing errors when the cutover aborts");
+    long.batch_execute("COMMIT").await.unwrap();
+    other.batch_execute("INSERT INTO t (v) VALUES (2)").await.unwrap();
+    let port: i32 = other.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+    assert_eq!(port as u16, f.blue().port, "still on blue");
+    blue_writable(f, db).await;
+}
+
+#[tokio::test]
+async fn a_catch_up_timeout_rolls_back_and_unfences_blue() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "co_catchup";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let proxy = f.proxy(|c| c.cutover.catchup_timeout = Duration::from_millis(500)).await;
+    let c = proxy.connect(db).await;
+    // Green's apply worker blocks on a lock: what blue commits cannot be applied.
+    let green = f.green().connect(db).await.unwrap();
+    green.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "rolled back", "{report:#?}");
+    assert_eq!(report["failed_phase"], "catchup", "{report:#?}");
+    green.batch_execute("ROLLBACK").await.unwrap();
+    // Clients saw only the delay: the session goes on, on blue, writable.
+    c.batch_execute("INSERT INTO t (v) VALUES (2)").await.unwrap();
+    let port: i32 = c.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+    assert_eq!(port as u16, f.blue().port);
+    blue_writable(f, db).await;
+    let st = proxy.admin("SHOW STATUS").await.unwrap();
+    assert!(st.iter().any(|r| r[0].as_deref() == Some("active_backend") && r[1].as_deref() == Some("blue")));
+}
+
+#[tokio::test]
+async fn a_disabled_subscription_a_table_without_replica_identity_or_a_dead_target_refuse_the_cutover() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "co_refuse";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int); CREATE TABLE loose (v int)").await;
+    let proxy = f.proxy(|_| {}).await;
+    let c = proxy.connect(db).await;
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "refused");
+    assert!(report["reason"].contains("replica identity") && report["reason"].contains("loose"), "{report:#?}");
+    f.blue().execute(db, "ALTER TABLE loose REPLICA IDENTITY FULL").await.unwrap();
+
+    let sub = pgcutover::cluster::subscription_name(db);
+    f.green().execute(db, &format!("ALTER SUBSCRIPTION {sub} DISABLE")).await.unwrap();
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "refused");
+    assert!(report["reason"].contains("disabled"), "{report:#?}");
+    f.green().execute(db, &format!("ALTER SUBSCRIPTION {sub} ENABLE")).await.unwrap();
+
+    let dead = pgcutover::cluster::free_port().unwrap();
+    let proxy_dead = f.proxy(|c| c.backends.get_mut("green").unwrap().port = dead).await;
+    let c2 = proxy_dead.connect(db).await;
+    let report = cutover(&proxy_dead, "green").await;
+    assert_ne!(report["outcome"], "committed");
+    assert!(report["reason"].contains("cannot connect"), "{report:#?}");
+    for client in [&c, &c2] {
+        client.batch_execute("INSERT INTO t (v) VALUES (1)").await.expect("nothing errors after a refused cutover");
+    }
+    blue_writable(f, db).await;
+}
+
+#[tokio::test]
+async fn a_session_with_a_temporary_table_is_closed_with_a_clear_error_and_counted() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "co_temp";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY)").await;
+    let proxy = f.proxy(|_| {}).await;
+    // Keep the connection's own outcome: a FATAL from the server ends it.
+    let (temp, conn) = tokio_postgres::connect(&proxy.conninfo("app", common::PASSWORD, db), tokio_postgres::NoTls).await.unwrap();
+    let ended = tokio::spawn(conn);
+    let plain = proxy.connect(db).await;
+    temp.batch_execute("CREATE TEMP TABLE scratch (x int)").await.unwrap();
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    assert_eq!(report["sessions_moved"], "1");
+    assert_eq!(report["sessions_closed"], "1");
+    let e = tokio::time::timeout(Duration::from_secs(5), ended).await.expect("the session is closed").unwrap().unwrap_err();
+    let db_error = e.as_db_error().expect("a FATAL from the proxy");
+    assert!(db_error.message().contains("temporary tables"), "{}", db_error.message());
+    assert!(temp.simple_query("SELECT 1").await.is_err());
+    plain.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn cutover_back_from_green_to_blue_after_reversing_replication() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "co_back";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let proxy = f.proxy(|_| {}).await;
+    let c = proxy.connect(db).await;
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    assert_eq!(cutover(&proxy, "green").await["outcome"], "committed");
+    c.batch_execute("INSERT INTO t (v) VALUES (2)").await.unwrap();
+
+    // Reverse: blue drops its stale copy's changes and subscribes to green.
+    unfence(f.blue()).await;
+    f.blue().execute(db, "TRUNCATE t").await.unwrap();
+    f.green().execute(db, "CREATE PUBLICATION pgcutover_back FOR ALL TABLES").await.unwrap();
+    f.blue()
+        .execute(db, &format!("CREATE SUBSCRIPTION back_{db} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname={db}' PUBLICATION pgcutover_back", f.green().port))
+        .await
+        .unwrap();
+    let blue = f.blue().connect(db).await.unwrap();
+    assert!(common::eventually(30, || async { blue.query_one("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'", &[]).await.unwrap().get::<_, i64>(0) == 0 }).await);
+    let report = cutover(&proxy, "blue").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    let id: i64 = c.query_one("INSERT INTO t (v) VALUES (3) RETURNING id", &[]).await.unwrap().get(0);
+    assert_eq!(id, 3, "the sequence came back along");
+    let port: i32 = c.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+    assert_eq!(port as u16, f.blue().port);
+    let vs: Vec<i32> = blue.query("SELECT v FROM t ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(vs, vec![1, 2, 3]);
+}
