@@ -2,78 +2,9 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{fixture, PASSWORD};
-
-/// `pgcutover serve` as a child process, on a file of its own.
-struct Served {
-    child: tokio::process::Child,
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl Served {
-    async fn start(edit: impl FnOnce(String) -> String) -> Served {
-        let f = fixture();
-        let dir = tempfile::Builder::new().prefix("pgcutover-served-").tempdir().unwrap();
-        let port = pgcutover::cluster::free_port().unwrap();
-        let text = edit(f.config_text(&dir.path().join("sock"), &format!("127.0.0.1:{port}")));
-        std::fs::write(dir.path().join("proxy.toml"), text).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcutover"))
-            .args(["serve", "--config"])
-            .arg(dir.path().join("proxy.toml"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let served = Served { child, dir, port };
-        assert!(common::eventually(10, || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await, "serve did not start: {}", served.log());
-        served
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.dir.path().join("proxy.toml")
-    }
-
-    fn socket_dir(&self) -> PathBuf {
-        self.dir.path().join("sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = self.child.id().unwrap() as i32;
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-    }
-
-    async fn connect(&self, user: &str, password: &str, db: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (c, conn) = tokio_postgres::connect(&format!("host=127.0.0.1 port={} user={user} password='{password}' dbname={db}", self.port), tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        Ok(c)
-    }
-
-    async fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcutover")).args(args).arg("--config").arg(self.config_path()).output().await.unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-
-    async fn psql_console(&self, commands: &[&str]) -> (bool, String, String) {
-        let mut args: Vec<String> = vec!["-X".into(), "-h".into(), self.socket_dir().display().to_string(), "-p".into(), self.port.to_string(), "-d".into(), "pgcutover".into()];
-        for c in commands {
-            args.push("-c".into());
-            args.push(c.to_string());
-        }
-        let out = tokio::process::Command::new(common::pg_program("psql")).args(&args).output().await.unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
+use common::{fixture, Served, PASSWORD};
 
 #[tokio::test]
 async fn every_console_command_answers_through_psql() {

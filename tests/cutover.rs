@@ -393,3 +393,54 @@ async fn cutover_back_from_green_to_blue_after_reversing_replication() {
     let vs: Vec<i32> = blue.query("SELECT v FROM t ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(vs, vec![1, 2, 3]);
 }
+
+/// The running binary's active backend, through `pgcutover status --json`.
+async fn active(s: &common::Served) -> String {
+    let (ok, out, _) = s.cli(&["status", "--json"]).await;
+    if !ok {
+        return String::new();
+    }
+    serde_json::from_str::<serde_json::Value>(out.trim()).ok().and_then(|v| v["active_backend"].as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn sigusr1_cuts_over_and_the_new_active_backend_survives_sighup_and_a_restart() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "co_signal";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let s = common::Served::start(|t| t.replace("target = \"green\"", &format!("target = \"green\"\n            databases = [\"{db}\"]"))).await;
+    let (ok, out, err) = s.cli(&["check"]).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("replica identity"), "{out}");
+
+    let c = s.connect("app", common::PASSWORD, db).await.unwrap();
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    s.signal(libc::SIGUSR1);
+    assert!(common::eventually(15, || async { active(&s).await == "green" }).await, "{}", s.log());
+    c.batch_execute("INSERT INTO t (v) VALUES (2)").await.expect("the session works after the switch");
+    let port: i32 = c.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+    assert_eq!(port as u16, f.green().port);
+    let (_, out, _) = s.psql_console(&["SHOW CUTOVER"]).await;
+    assert!(out.contains("committed"), "{out}");
+
+    s.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(active(&s).await, "green", "a reload keeps the new active backend");
+
+    // No reverse subscription: a cutover back is refused, and the CLI says why.
+    let (ok, out, err) = s.cli(&["cutover", "--to", "blue", "--json"]).await;
+    assert!(!ok);
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(report["outcome"], "refused");
+    assert!(err.contains("cutover refused"), "{err}");
+
+    drop(c);
+    let (dir, port) = s.stop().await;
+    assert!(std::fs::read_to_string(dir.path().join("proxy.toml.state")).unwrap().contains("green"));
+    let s = common::Served::run(dir, port).await;
+    assert_eq!(active(&s).await, "green", "a restart comes up on the new active backend");
+    let c = s.connect("app", common::PASSWORD, db).await.unwrap();
+    let port: i32 = c.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+    assert_eq!(port as u16, f.green().port);
+}

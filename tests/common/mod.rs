@@ -15,6 +15,9 @@ use pgcutover::server::ProxyHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod served;
+pub use served::Served;
+
 pub const PASSWORD: &str = "secret";
 
 pub struct Certs {
