@@ -76,6 +76,15 @@ async fn an_idle_session_moves_with_its_settings_prepared_statements_and_listens
     // The sequence continues on green: no duplicate key.
     let id: i64 = c.query_one("INSERT INTO items (v) VALUES ('d') RETURNING id", &[]).await.unwrap().get(0);
     assert_eq!(id, 4);
+    // The cancel key the client got at login now cancels on green.
+    let token = c.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let e = c.simple_query("SELECT pg_sleep(20)").await.unwrap_err();
+    assert_eq!(common::sqlstate(&e), "57014");
+    canceller.await.unwrap().unwrap();
 
     // Blue stays fenced; green no longer subscribes.
     let blue = f.blue().connect("postgres").await.unwrap();
@@ -443,4 +452,30 @@ async fn sigusr1_cuts_over_and_the_new_active_backend_survives_sighup_and_a_rest
     let c = s.connect("app", common::PASSWORD, db).await.unwrap();
     let port: i32 = c.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
     assert_eq!(port as u16, f.green().port);
+}
+
+#[tokio::test]
+async fn a_cutover_that_would_outlive_max_pause_rolls_back() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "co_max_pause";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let proxy = f
+        .proxy(|c| {
+            c.cutover.max_pause = Duration::from_millis(400);
+            c.cutover.catchup_timeout = Duration::from_secs(10);
+        })
+        .await;
+    let c = proxy.connect(db).await;
+    let green = f.green().connect(db).await.unwrap();
+    green.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    let started = std::time::Instant::now();
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "rolled back", "{report:#?}");
+    assert_eq!(report["failed_phase"], "max_pause", "{report:#?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    green.batch_execute("ROLLBACK").await.unwrap();
+    c.batch_execute("INSERT INTO t (v) VALUES (2)").await.expect("clients saw only the delay");
+    blue_writable(f, db).await;
 }
