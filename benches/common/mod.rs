@@ -70,11 +70,16 @@ impl PgBouncer {
     }
 
     pub fn start(backend_port: u16, pool_mode: &str) -> anyhow::Result<Option<PgBouncer>> {
+        Self::start_with(&format!("* = host=127.0.0.1 port={backend_port}"), pool_mode)
+    }
+
+    /// PgBouncer with `databases` as the [databases] section.
+    pub fn start_with(databases: &str, pool_mode: &str) -> anyhow::Result<Option<PgBouncer>> {
         let Some(bin) = Self::find() else { return Ok(None) };
         let dir = tempfile::Builder::new().prefix("pgcutover-pgbouncer-").tempdir()?.keep();
         let port = free_port()?;
         let ini = format!(
-            "[databases]\n* = host=127.0.0.1 port={backend_port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir = {dir}\nauth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = {pool_mode}\nmax_client_conn = 1000\ndefault_pool_size = 100\nlogfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\nadmin_users = app\nignore_startup_parameters = extra_float_digits,options\n",
+            "[databases]\n{databases}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir = {dir}\nauth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = {pool_mode}\nmax_client_conn = 1000\ndefault_pool_size = 100\nlogfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\nadmin_users = app\nignore_startup_parameters = extra_float_digits,options\n",
             dir = dir.display()
         );
         std::fs::write(dir.join("pgbouncer.ini"), ini)?;
@@ -102,6 +107,24 @@ impl PgBouncer {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// "Edit the host": rewrites the [databases] section (RELOAD applies it).
+    pub fn set_databases(&self, databases: &str) -> anyhow::Result<()> {
+        let path = self.dir.join("pgbouncer.ini");
+        let ini = std::fs::read_to_string(&path)?;
+        let rest = ini.split_once("\n\n[pgbouncer]").map(|(_, r)| r).unwrap_or("");
+        std::fs::write(&path, format!("[databases]\n{databases}\n\n[pgbouncer]{rest}"))?;
+        Ok(())
+    }
+
+    /// Runs a command on PgBouncer's admin console.
+    pub async fn admin(&self, command: &str) -> anyhow::Result<()> {
+        let url = format!("host=127.0.0.1 port={} user=app password={PASSWORD} dbname=pgbouncer", self.port);
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        client.simple_query(command).await?;
+        Ok(())
     }
 }
 

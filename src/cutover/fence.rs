@@ -47,10 +47,14 @@ pub async fn fence(src: &Client, roles: &[String], keep_pids: &[i32], admin_user
     let rows = src
         .query("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1) AND rolcanlogin AND rolname <> $2", &[&roles, &admin_user])
         .await?;
-    for row in rows {
-        let role: String = row.get(0);
-        src.batch_execute(&format!("ALTER ROLE {} NOLOGIN", crate::session::migrate::quote_ident(&role))).await?;
-        f.roles.push(role);
+    // One round trip for every role (ALTER ROLE is transactional: all or none).
+    f.roles = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    let sql: String = f.roles.iter().map(|r| format!("ALTER ROLE {} NOLOGIN;", crate::session::migrate::quote_ident(r))).collect();
+    if !sql.is_empty() {
+        if let Err(e) = src.batch_execute(&sql).await {
+            f.roles.clear();
+            return Err(e.into());
+        }
     }
     f.terminated = src
         .query_one(
@@ -64,8 +68,9 @@ pub async fn fence(src: &Client, roles: &[String], keep_pids: &[i32], admin_user
 }
 
 pub async fn unfence(src: &Client, f: &Fence) -> anyhow::Result<()> {
-    for role in &f.roles {
-        src.batch_execute(&format!("ALTER ROLE {} LOGIN", crate::session::migrate::quote_ident(role))).await?;
+    let sql: String = f.roles.iter().map(|r| format!("ALTER ROLE {} LOGIN;", crate::session::migrate::quote_ident(r))).collect();
+    if !sql.is_empty() {
+        src.batch_execute(&sql).await?;
     }
     if f.read_only {
         src.batch_execute("ALTER SYSTEM RESET default_transaction_read_only").await?;

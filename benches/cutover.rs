@@ -1,0 +1,278 @@
+//! The pause clients feel: a 16-client pgbench load (tpcb-like plus an insert into a
+//! bigserial table) with a switch from blue to green in the middle, once through
+//! pgcutover (`CUTOVER`) and once through PgBouncer with the usual script (PAUSE,
+//! wait for the LSN, copy sequences, edit the host, RELOAD, RESUME), in one
+//! invocation. Reads every transaction's latency from pgbench's log and compares the
+//! worst and the p99 around the switch with steady state.
+//!
+//!   cargo bench --bench cutover
+//!   BENCH_SECONDS=12 BENCH_CLIENTS=16 BENCH_MODE=simple cargo bench --bench cutover
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{env_or, pgbench, PgBouncer, PASSWORD};
+use pgcutover::cluster::{ClusterOptions, Pair};
+
+const SCHEMA: &str = "
+    CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler char(88));
+    CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler char(84));
+    CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler char(84));
+    CREATE TABLE pgbench_history (id bigserial PRIMARY KEY, tid int, bid int, aid int, delta int, mtime timestamp, filler char(22));
+    CREATE TABLE orders (id bigserial PRIMARY KEY, client int NOT NULL, at timestamptz NOT NULL DEFAULT now());
+";
+
+const SCRIPT: &str = "\\set aid random(1, 100000)
+\\set bid 1
+\\set tid random(1, 10)
+\\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+INSERT INTO orders (client) VALUES (:client_id);
+END;
+";
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+/// Latencies (µs) of transactions in flight during the switch, and of the rest.
+struct Latencies {
+    window: Vec<u64>,
+    steady: Vec<u64>,
+    failed: u64,
+}
+
+fn percentile(v: &mut [u64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    v[((v.len() as f64 - 1.0) * q).round() as usize] as f64 / 1000.0
+}
+
+/// Reads pgbench's per-transaction logs (`client tx latency_us script epoch us`).
+fn read_logs(dir: &Path, switch: (f64, f64)) -> anyhow::Result<Latencies> {
+    let mut l = Latencies { window: Vec::new(), steady: Vec::new(), failed: 0 };
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tx.")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path)?.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 6 {
+                continue;
+            }
+            let Ok(latency) = f[2].parse::<u64>() else {
+                l.failed += 1;
+                continue;
+            };
+            let end = f[4].parse::<f64>().unwrap_or(0.0) + f[5].parse::<f64>().unwrap_or(0.0) / 1e6;
+            let start = end - latency as f64 / 1e6;
+            if start <= switch.1 && end >= switch.0 {
+                l.window.push(latency);
+            } else if end < switch.0 - 0.5 || start > switch.1 + 0.5 {
+                l.steady.push(latency);
+            }
+        }
+    }
+    Ok(l)
+}
+
+async fn setup(pair: &Pair, db: &str) -> anyhow::Result<()> {
+    pair.replicated_database(db, "app", SCHEMA).await?;
+    pair.blue
+        .execute(
+            db,
+            "INSERT INTO pgbench_branches VALUES (1, 0, ''); \
+             INSERT INTO pgbench_tellers SELECT t, 1, 0, '' FROM generate_series(1, 10) t; \
+             INSERT INTO pgbench_accounts SELECT a, 1, 0, '' FROM generate_series(1, 100000) a;",
+        )
+        .await?;
+    let green = pair.green.connect(db).await?;
+    for _ in 0..600 {
+        let n: i64 = green.query_one("SELECT count(*) FROM pgbench_accounts", &[]).await?.get(0);
+        if n == 100_000 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("green did not catch up with the initial data")
+}
+
+/// Runs pgbench against `port` for `seconds`, calling `switch` after `at`.
+async fn load<F, Fut>(port: u16, db: &str, seconds: u64, at: Duration, switch: F) -> anyhow::Result<(Latencies, (f64, f64), String)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<String>>,
+{
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("load.sql");
+    std::fs::write(&script, SCRIPT)?;
+    let clients: u32 = env_or("BENCH_CLIENTS", 16);
+    let mode: String = env_or("BENCH_MODE", "simple".to_string());
+    let url = format!("host=127.0.0.1 port={port} user=app dbname={db}");
+    let run = tokio::process::Command::new(pgbench())
+        .args(["-n", "-M", &mode, "-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), "--failures-detailed", "-l", "--log-prefix"])
+        .arg(dir.path().join("tx"))
+        .arg("-f")
+        .arg(&script)
+        .arg(&url)
+        .env("PGPASSWORD", PASSWORD)
+        .output();
+    let switching = async {
+        tokio::time::sleep(at).await;
+        let t0 = now();
+        let note = switch().await;
+        (t0, now(), note)
+    };
+    let (out, (t0, t1, note)) = tokio::join!(run, switching);
+    let out = out?;
+    let note = note?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.contains("number of failed transactions: ") && !text.contains("number of failed transactions: 0 ") {
+        eprintln!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut lat = read_logs(dir.path(), (t0, t1))?;
+    if let Some(f) = text.lines().find_map(|l| l.strip_prefix("number of failed transactions: ")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()) {
+        lat.failed = lat.failed.max(f);
+    }
+    Ok((lat, (t0, t1), note))
+}
+
+async fn unfence(pair: &Pair) -> anyhow::Result<()> {
+    let blue = pair.blue.connect("postgres").await?;
+    blue.batch_execute("SET default_transaction_read_only = off").await?;
+    blue.batch_execute("ALTER SYSTEM RESET default_transaction_read_only").await?;
+    blue.batch_execute("SELECT pg_reload_conf()").await?;
+    blue.batch_execute("ALTER ROLE app LOGIN").await?;
+    Ok(())
+}
+
+fn row(name: &str, l: &mut Latencies, switch: (f64, f64)) {
+    let steady_p99 = percentile(&mut l.steady, 0.99);
+    let steady_max = percentile(&mut l.steady, 1.0);
+    let win_p99 = percentile(&mut l.window, 0.99);
+    let win_max = percentile(&mut l.window, 1.0);
+    println!(
+        "  {name:10} {:>10.1} {:>10.1} {:>12.1} {:>12.1} {:>10.1} {:>7}",
+        steady_p99,
+        steady_max,
+        win_p99,
+        win_max,
+        (switch.1 - switch.0) * 1000.0,
+        l.failed
+    );
+}
+
+async fn bench() -> anyhow::Result<()> {
+    let seconds: u64 = env_or("BENCH_SECONDS", 12);
+    let at = Duration::from_secs(seconds / 2);
+    let pair = Pair::start(&ClusterOptions::default())?;
+    for c in [&pair.blue, &pair.green] {
+        c.execute("postgres", &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'")).await?;
+    }
+
+    // pgcutover.
+    setup(&pair, "bench_cutover").await?;
+    let dir = tempfile::tempdir()?;
+    let config = pgcutover::config::Config::parse(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nsocket_dir = \"{}\"\n[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n\
+         [backends.blue]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"disable\"\n[backends.green]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"disable\"\n\
+         [cutover]\nactive = \"blue\"\ntarget = \"green\"\ndrain_timeout = \"2s\"\n",
+        dir.path().display(),
+        pair.blue.port,
+        pair.green.port
+    ))?;
+    let handle = pgcutover::server::start(config).await?;
+    let proxy = handle.proxy.clone();
+    let (mut ours, switch_ours, report) = load(handle.tcp_addr.port(), "bench_cutover", seconds, at, || async {
+        let report = pgcutover::cutover::run(&proxy, None, false).await;
+        if !report.committed() {
+            anyhow::bail!("cutover {}: {:?}", report.outcome.as_str(), report.reason);
+        }
+        Ok(serde_json::to_string(&report)?)
+    })
+    .await?;
+    unfence(&pair).await?;
+
+    // PgBouncer, transaction pooling, with the usual script.
+    setup(&pair, "bench_bouncer").await?;
+    let db_line = |port: u16| format!("bench_bouncer = host=127.0.0.1 port={port} dbname=bench_bouncer");
+    let Some(bouncer) = PgBouncer::start_with(&db_line(pair.blue.port), "transaction")? else {
+        println!("PgBouncer is not installed (apt-get install pgbouncer): only pgcutover was measured");
+        print_ours(&mut ours, switch_ours, &report);
+        return Ok(());
+    };
+    // The usual operator script: psql per step, the LSN polled every 0.1 s, sed on
+    // the ini file.
+    let script = format!(
+        r#"set -eu
+step() {{ now=$(date +%s%N); echo "$1 $(( (now - last) / 1000000 )) ms"; last=$now; }}
+last=$(date +%s%N)
+export PGPASSWORD='{PASSWORD}'
+bouncer="host=127.0.0.1 port={bport} user=app dbname=pgbouncer"
+blue="host=127.0.0.1 port={blue} user=postgres dbname=bench_bouncer"
+green="host=127.0.0.1 port={green} user=postgres dbname=bench_bouncer"
+psql -X -q "$bouncer" -c "PAUSE bench_bouncer"; step PAUSE
+lsn=$(psql -XAt "$blue" -c "SELECT pg_current_wal_lsn()")
+until [ "$(psql -XAt "$blue" -c "SELECT coalesce(bool_or(replay_lsn >= '$lsn'), false) FROM pg_stat_replication WHERE application_name = '{sub}'")" = t ]; do sleep 0.1; done; step "wait for LSN"
+psql -XAt "$blue" -c "SELECT string_agg(format('SELECT setval(%L, %s, true);', format('%I.%I', schemaname, sequencename), last_value), ' ') FROM pg_sequences WHERE last_value IS NOT NULL" | psql -X -q "$green" >/dev/null; step "copy sequences"
+sed -i 's/port={blue} dbname=bench_bouncer/port={green} dbname=bench_bouncer/' '{ini}'
+psql -X -q "$bouncer" -c "RELOAD"; step "edit host + RELOAD"
+psql -X -q "$bouncer" -c "RESUME bench_bouncer"; step RESUME
+"#,
+        bport = bouncer.port,
+        blue = pair.blue.port,
+        green = pair.green.port,
+        sub = pgcutover::cluster::subscription_name("bench_bouncer"),
+        ini = bouncer.dir().join("pgbouncer.ini").display(),
+    );
+    let (mut theirs, switch_theirs, steps) = load(bouncer.port, "bench_bouncer", seconds, at, || async {
+        let out = tokio::process::Command::new("bash").arg("-c").arg(&script).env("PATH", path_with_psql()).output().await?;
+        if !out.status.success() {
+            anyhow::bail!("the PgBouncer script failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).lines().collect::<Vec<_>>().join(", "))
+    })
+    .await?;
+
+    print_ours(&mut ours, switch_ours, &report);
+    row("pgbouncer", &mut theirs, switch_theirs);
+    println!("  PgBouncer script: {steps}");
+    let ratio = percentile(&mut ours.window, 1.0) / percentile(&mut theirs.window, 1.0).max(0.001);
+    println!("\n  worst stall pgcutover/pgbouncer = {ratio:.3} (goal: at most 0.1)");
+    drop(bouncer);
+    Ok(())
+}
+
+fn print_ours(ours: &mut Latencies, switch: (f64, f64), report: &str) {
+    let mode: String = env_or("BENCH_MODE", "simple".to_string());
+    println!("\npgbench -M {mode}, tpcb-like + bigserial insert; latencies in ms; window = transactions in flight during the switch");
+    println!("  {:10} {:>10} {:>10} {:>12} {:>12} {:>10} {:>7}", "target", "steady p99", "steady max", "window p99", "window max", "switch ms", "failed");
+    row("pgcutover", ours, switch);
+    if let Ok(r) = serde_json::from_str::<serde_json::Value>(report) {
+        let phases: Vec<String> = r["phases"].as_array().into_iter().flatten().map(|p| format!("{} {:.1} ms", p["name"].as_str().unwrap_or(""), p["ms"].as_f64().unwrap_or(0.0))).collect();
+        println!("  pgcutover pause {:.1} ms; phases: {}", r["pause_ms"].as_f64().unwrap_or(0.0), phases.join(", "));
+    }
+}
+
+/// PATH with the PostgreSQL client programs first.
+fn path_with_psql() -> String {
+    let path = std::env::var("PATH").unwrap_or_default();
+    match pgcutover::cluster::bin_dir() {
+        Some(d) => format!("{}:{path}", d.display()),
+        None => path,
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench())
+}
