@@ -334,3 +334,15 @@ mod tests {
         assert_eq!(c.cutover.max_pause, Duration::from_secs(60));
     }
 }
+
+#[cfg(test)]
+mod example {
+    /// The repository's proxy.toml is the documented, working example: it must load.
+    #[test]
+    fn the_example_proxy_toml_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+        let c = super::Config::load(&path).unwrap();
+        assert_eq!(c.cutover.active, "blue");
+        assert_eq!(c.cutover.target.as_deref(), Some("green"));
+    }
+}

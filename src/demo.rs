@@ -1,82 +1,84 @@
-//! `pgcutover demo`: two throwaway clusters with logical replication (blue publishes,
-//! green subscribes), the proxy in front of blue, and a pgbench load through it,
-//! next to the same load straight at blue. Nothing outlives the command: the
-//! clusters live in temporary directories and are removed on exit or Ctrl-C.
+//! `pgcutover demo`: the main job on throwaway databases. Two local clusters with
+//! logical replication (blue publishes, green subscribes), pgcutover in front of
+//! blue, a load test through it with a cutover to green halfway, the report, and a
+//! plot. Nothing outlives the command: the clusters live in temporary directories
+//! and are removed on exit or Ctrl-C.
 
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context;
-
-use crate::cluster::{bin_dir, ClusterOptions, Pair};
-use crate::config::Config;
+use crate::cluster::{ClusterOptions, Pair};
+use crate::loadtest::{self, Mode, Workload};
 
 const PASSWORD: &str = "demo-secret";
 
-pub async fn run(duration: Duration) -> anyhow::Result<()> {
+pub async fn run(duration: Duration, plot: &Path) -> anyhow::Result<()> {
     println!("starting two throwaway PostgreSQL clusters (blue publishes, green subscribes)...");
     let pair = Pair::start(&ClusterOptions::default())?;
     for c in [&pair.blue, &pair.green] {
         c.execute("postgres", &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'")).await?;
     }
-    let schema = "CREATE TABLE orders (id bigserial PRIMARY KEY, item text NOT NULL, at timestamptz NOT NULL DEFAULT now())";
-    pair.replicated_database("shop", "app", schema).await?;
-    println!("  blue  127.0.0.1:{}  green 127.0.0.1:{}  database \"shop\" replicated", pair.blue.port, pair.green.port);
+    pair.replicated_database("shop", "app", loadtest::workload::SCHEMA).await?;
+    pair.blue.execute("shop", &loadtest::workload::fill_accounts()).await?;
+    println!("  blue 127.0.0.1:{}, green 127.0.0.1:{}, database \"shop\" replicated", pair.blue.port, pair.green.port);
 
-    let sock = tempfile::Builder::new().prefix("pgcutover-demo-").tempdir()?;
-    let config = Config::parse(&format!(
-        r#"
-        [proxy]
-        listen = "127.0.0.1:0"
-        socket_dir = "{sock}"
-        [auth]
-        method = "scram-sha-256"
-        [[auth.users]]
-        name = "app"
-        password = "{PASSWORD}"
-        [backends.blue]
-        host = "127.0.0.1"
-        port = {blue}
-        [backends.green]
-        host = "127.0.0.1"
-        port = {green}
-        [cutover]
-        active = "blue"
-        target = "green"
-        "#,
-        sock = sock.path().display(),
-        blue = pair.blue.port,
-        green = pair.green.port,
-    ))?;
+    let dir = tempfile::Builder::new().prefix("pgcutover-demo-").tempdir()?;
+    let config_path = dir.path().join("proxy.toml");
+    let port = crate::cluster::free_port()?;
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"[proxy]
+listen = "127.0.0.1:{port}"
+socket_dir = "{sock}"
+[auth]
+method = "scram-sha-256"
+[[auth.users]]
+name = "app"
+password = "{PASSWORD}"
+[backends.blue]
+host = "127.0.0.1"
+port = {blue}
+[backends.green]
+host = "127.0.0.1"
+port = {green}
+[cutover]
+active = "blue"
+target = "green"
+drain_timeout = "1s"
+"#,
+            sock = dir.path().join("sock").display(),
+            blue = pair.blue.port,
+            green = pair.green.port,
+        ),
+    )?;
+    let config = crate::config::Config::load(&config_path)?;
     let mut proxy = crate::server::start(config).await?;
-    let port = proxy.tcp_addr.port();
-    println!("  pgcutover listening on 127.0.0.1:{port} and {}", proxy.socket_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+    proxy.proxy.set_config_path(&config_path);
+    println!("  pgcutover on 127.0.0.1:{port}, admin console on {}", proxy.socket_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
 
-    let script = sock.path().join("order.sql");
-    std::fs::write(&script, "INSERT INTO orders (item) VALUES ('demo');\nSELECT count(*) FROM orders WHERE id > 0;\n")?;
-    let seconds = duration.as_secs().max(1).to_string();
-    for (label, target_port) in [("straight to blue", pair.blue.port), ("through pgcutover", port)] {
-        println!("\npgbench, 8 clients, {seconds}s, prepared statements, {label}:");
-        let url = format!("host=127.0.0.1 port={target_port} user=app dbname=shop");
-        let pgbench = bin_dir().map(|d| d.join("pgbench")).filter(|p| p.exists()).unwrap_or_else(|| "pgbench".into());
-        let out = tokio::process::Command::new(pgbench)
-            .args(["-n", "-M", "prepared", "-c", "8", "-j", "2", "-T", &seconds, "-f"])
-            .arg(&script)
-            .arg(&url)
-            .env("PGPASSWORD", PASSWORD)
-            .output()
-            .await
-            .context("cannot run pgbench")?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        for line in text.lines().filter(|l| l.contains("tps") || l.contains("latency average") || l.contains("failed") || l.contains("processed")) {
-            println!("  {line}");
-        }
-        if !out.status.success() {
-            anyhow::bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-    let green = pair.green.connect("shop").await?;
-    let replicated: i64 = green.query_one("SELECT count(*) FROM orders", &[]).await?.get(0);
-    println!("\n{replicated} orders have replicated to green so far.");
+    let at = duration / 2;
+    println!("\nload test: 16 clients, {} s, tpcb-like with an order row per transaction, cutover to green at {} s\n", duration.as_secs(), at.as_secs_f64());
+    let report = loadtest::run(loadtest::Options {
+        url: format!("postgres://app:{PASSWORD}@127.0.0.1:{port}/shop"),
+        clients: 16,
+        duration,
+        mode: Mode::Prepared,
+        workload: Workload::Tpcb,
+        cutover_at: Some(at),
+        config: Some(config_path.clone()),
+        plot: Some(plot.to_path_buf()),
+        init: false,
+        progress: true,
+    })
+    .await?;
+    report.print();
+    println!("\nplot written to {}", plot.display());
     proxy.stop_accepting().await;
+    proxy.proxy.shutdown(Duration::from_secs(2)).await;
+    let committed = report.cutover.as_ref().is_some_and(|c| c["outcome"] == "committed");
+    if !committed || report.lost_writes.as_ref().is_some_and(|l| !l.ok) || !report.errors.is_empty() {
+        anyhow::bail!("the demo did not go cleanly (see the report above)");
+    }
     Ok(())
 }

@@ -10,6 +10,8 @@ pub mod auth;
 pub mod cli;
 pub mod demo;
 pub mod gate;
+pub mod loadtest;
+pub mod metrics;
 pub mod backend;
 pub mod client;
 pub mod cluster;

@@ -67,11 +67,45 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run transactions through the proxy and report the latencies clients feel,
+    /// optionally with a cutover in the middle.
+    Loadtest {
+        /// Where to connect (normally the proxy), e.g. postgres://app:secret@127.0.0.1:6432/shop
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 16)]
+        clients: u32,
+        /// How long to run, e.g. 30s.
+        #[arg(long, default_value = "10s")]
+        duration: String,
+        #[arg(long, value_enum, default_value = "prepared")]
+        mode: pgcutover::loadtest::Mode,
+        /// tpcb, select, or a SQL file.
+        #[arg(long, default_value = "tpcb")]
+        workload: String,
+        /// Ask the proxy for a cutover this long into the run (needs --config).
+        #[arg(long)]
+        cutover_at: Option<String>,
+        /// The proxy's configuration (its admin socket), for --cutover-at.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Create the built-in workload's tables if they are missing.
+        #[arg(long)]
+        init: bool,
+        #[arg(long)]
+        json: bool,
+        /// Write an SVG of latency and throughput over time, cutover phases shaded.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// Start throwaway clusters, put the proxy in front, and run a load through it.
     Demo {
-        /// Seconds of load.
+        /// Seconds of load (the cutover comes halfway).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Where to write the plot.
+        #[arg(long, default_value = "pgcutover-demo.svg")]
+        plot: PathBuf,
     },
 }
 
@@ -143,7 +177,34 @@ fn main() -> ExitCode {
             Command::Status { config, json } => console(&config, "SHOW STATUS", json).await,
             Command::Cutover { config, to, force, json } => cutover(&config, "CUTOVER", to, force, json).await,
             Command::Check { config, to, force, json } => cutover(&config, "CHECK", to, force, json).await,
-            Command::Demo { seconds } => pgcutover::demo::run(std::time::Duration::from_secs(seconds)).await,
+            Command::Demo { seconds, plot } => pgcutover::demo::run(std::time::Duration::from_secs(seconds), &plot).await,
+            Command::Loadtest { url, clients, duration, mode, workload, cutover_at, config, init, json, plot } => {
+                let parse = |d: &str| pgcutover::admin::command::parse_duration(d).map_err(|e| anyhow::anyhow!("{e}"));
+                let opts = pgcutover::loadtest::Options {
+                    url,
+                    clients,
+                    duration: parse(&duration)?,
+                    mode,
+                    workload: pgcutover::loadtest::Workload::parse(&workload)?,
+                    cutover_at: cutover_at.as_deref().map(parse).transpose()?,
+                    config,
+                    plot,
+                    init,
+                    progress: !json,
+                };
+                let report = pgcutover::loadtest::run(opts).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    report.print();
+                }
+                let lost = report.lost_writes.as_ref().is_some_and(|l| !l.ok);
+                let failed_cutover = report.cutover.as_ref().is_some_and(|c| c["outcome"] != "committed");
+                if lost || failed_cutover {
+                    anyhow::bail!("{}", if lost { "writes were lost" } else { "the cutover did not commit" });
+                }
+                Ok(())
+            }
         }
     });
     match result {

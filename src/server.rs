@@ -48,6 +48,10 @@ pub struct Proxy {
     cutover_running: AtomicBool,
     tally: crate::cutover::Tally,
     last_report: Mutex<Option<crate::cutover::CutoverReport>>,
+    /// Cutovers by outcome: committed, rolled back, refused.
+    pub cutovers: [std::sync::atomic::AtomicU64; 3],
+    /// The target's replication lag (bytes) per database, as the last preflight saw it.
+    pub lag: Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 fn build_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<BackendTarget>>> {
@@ -94,6 +98,8 @@ impl Proxy {
             cutover_running: AtomicBool::new(false),
             tally: Default::default(),
             last_report: Mutex::new(None),
+            cutovers: Default::default(),
+            lag: Mutex::new(Default::default()),
         })
     }
 
@@ -146,6 +152,12 @@ impl Proxy {
     }
 
     pub(crate) fn set_last_report(&self, report: crate::cutover::CutoverReport) {
+        let i = match report.outcome {
+            crate::cutover::Outcome::Committed => 0,
+            crate::cutover::Outcome::RolledBack => 1,
+            crate::cutover::Outcome::Refused => 2,
+        };
+        self.cutovers[i].fetch_add(1, Ordering::Relaxed);
         *self.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
     }
 
@@ -287,6 +299,11 @@ pub async fn start(config: Config) -> anyhow::Result<ProxyHandle> {
         let unix = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
         tasks.spawn(crate::client::listener::accept_unix(proxy.clone(), unix, rx.clone()));
+    }
+    if let Some(addr) = proxy.config().proxy.metrics_listen {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics"))?;
+        tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
+        tasks.spawn(crate::metrics::serve(proxy.clone(), listener, rx.clone()));
     }
     tracing::info!(%tcp_addr, socket = ?socket_path, active = %proxy.active_backend().name, "pgcutover listening");
     Ok(ProxyHandle { proxy, tcp_addr, socket_path, shutdown, tasks })

@@ -169,7 +169,7 @@ impl Run<'_> {
         let our_pids: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
         let mut problems = Vec::new();
         for db in &self.databases {
-            let checks = preflight::check_database(&db.name, &db.src, &db.dst, &our_pids, &self.source.config.admin_user, cut.drain_timeout, cut.max_lag_bytes)
+            let checks = preflight::check_database(&db.name, &db.src, &db.dst, &our_pids, &self.source.config.admin_user, cut.drain_timeout, cut.max_lag_bytes, Some(&self.proxy.lag))
                 .await
                 .map_err(fail("preflight"))?;
             for c in checks {
@@ -409,7 +409,7 @@ pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<p
     for db in names {
         let src = control::connect(&source.config, &db).await?;
         let dst = control::connect(&target.config, &db).await?;
-        all.extend(preflight::check_database(&db, &src, &dst, &our_pids, &source.config.admin_user, config.cutover.drain_timeout, config.cutover.max_lag_bytes).await?);
+        all.extend(preflight::check_database(&db, &src, &dst, &our_pids, &source.config.admin_user, config.cutover.drain_timeout, config.cutover.max_lag_bytes, Some(&proxy.lag)).await?);
     }
     Ok(all)
 }

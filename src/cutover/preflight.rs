@@ -46,6 +46,7 @@ pub async fn check_database(
     admin_user: &str,
     drain_timeout: Duration,
     max_lag: u64,
+    lag_seen: Option<&std::sync::Mutex<std::collections::BTreeMap<String, i64>>>,
 ) -> anyhow::Result<Vec<Check>> {
     let mut checks = Vec::new();
     let sub = super::catchup::subscription(dst).await?;
@@ -97,6 +98,9 @@ pub async fn check_database(
         .query_one("SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::int8 FROM pg_stat_replication WHERE application_name = $1", &[&sub_name])
         .await?
         .get(0);
+    if let (Some(l), Some(seen)) = (lag, lag_seen) {
+        seen.lock().unwrap_or_else(|p| p.into_inner()).insert(db.to_string(), l);
+    }
     checks.push(Check::new(
         format!("{db}: replication lag under {max_lag} bytes"),
         false,

@@ -113,6 +113,10 @@ pub struct SessionInfo {
     outstanding: AtomicI64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// ReadyForQuery messages seen (queries), and those that left the session idle
+    /// (transactions, counted as PgBouncer counts them).
+    pub queries: AtomicU64,
+    pub xacts: AtomicU64,
     /// Held at the gate since (for SHOW SESSIONS).
     held_since: Mutex<Option<(Instant, SystemTime)>>,
     control: mpsc::UnboundedSender<Control>,
@@ -136,6 +140,10 @@ impl SessionInfo {
 
     /// A ReadyForQuery arrived. Returns true when it leaves the session quiescent.
     pub(crate) fn on_ready(&self, status: u8) -> bool {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        if status == b'I' {
+            self.xacts.fetch_add(1, Ordering::Relaxed);
+        }
         // INVARIANT: the state is stored before the counter drops, so whoever sees
         // the counter at zero also sees the state that came with it.
         self.tx.store(status, Ordering::SeqCst);
@@ -228,6 +236,32 @@ pub struct NewSession {
 pub struct Registry {
     sessions: Mutex<HashMap<i32, Arc<SessionInfo>>>,
     next_id: AtomicU64,
+    /// Counters of sessions that ended, so that totals never go down.
+    pub ended: Totals,
+}
+
+#[derive(Default)]
+pub struct Totals {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub queries: AtomicU64,
+    pub xacts: AtomicU64,
+}
+
+impl Totals {
+    fn absorb(&self, s: &SessionInfo) {
+        self.bytes_in.fetch_add(s.bytes_in.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.bytes_out.fetch_add(s.bytes_out.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.queries.fetch_add(s.queries.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.xacts.fetch_add(s.xacts.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+impl Registry {
+    /// Sessions started since the proxy started.
+    pub fn started(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
 }
 
 impl Registry {
@@ -260,6 +294,8 @@ impl Registry {
             outstanding: AtomicI64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            queries: AtomicU64::new(0),
+            xacts: AtomicU64::new(0),
             held_since: Mutex::new(None),
             control,
             cancel_mark: AtomicU8::new(CANCEL_NONE),
@@ -303,5 +339,6 @@ pub struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.registry.lock().remove(&self.info.key.pid);
+        self.registry.ended.absorb(&self.info);
     }
 }
