@@ -259,6 +259,8 @@ impl Proxy {
 pub struct ProxyHandle {
     pub proxy: Arc<Proxy>,
     pub tcp_addr: SocketAddr,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
     pub socket_path: Option<PathBuf>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -300,11 +302,13 @@ pub async fn start(config: Config) -> anyhow::Result<ProxyHandle> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
         tasks.spawn(crate::client::listener::accept_unix(proxy.clone(), unix, rx.clone()));
     }
+    let mut metrics_addr = None;
     if let Some(addr) = proxy.config().proxy.metrics_listen {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics"))?;
-        tracing::info!(metrics = %listener.local_addr()?, "serving /metrics");
+        metrics_addr = Some(listener.local_addr()?);
+        tracing::info!(metrics = ?metrics_addr, "serving /metrics");
         tasks.spawn(crate::metrics::serve(proxy.clone(), listener, rx.clone()));
     }
     tracing::info!(%tcp_addr, socket = ?socket_path, active = %proxy.active_backend().name, "pgcutover listening");
-    Ok(ProxyHandle { proxy, tcp_addr, socket_path, shutdown, tasks })
+    Ok(ProxyHandle { proxy, tcp_addr, metrics_addr, socket_path, shutdown, tasks })
 }
