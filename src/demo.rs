@@ -13,6 +13,19 @@ use crate::loadtest::{self, Mode, Workload};
 const PASSWORD: &str = "demo-secret";
 
 pub async fn run(duration: Duration, plot: &Path) -> anyhow::Result<()> {
+    // Ctrl-C ends the demo through the normal path, so that the clusters are
+    // stopped and every temporary directory removed (the clusters' watchdogs would
+    // clean up after a harder kill too).
+    tokio::select! {
+        r = demo(duration, plot) => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: cleaning up");
+            Ok(())
+        }
+    }
+}
+
+async fn demo(duration: Duration, plot: &Path) -> anyhow::Result<()> {
     println!("starting two throwaway PostgreSQL clusters (blue publishes, green subscribes)...");
     let pair = Pair::start(&ClusterOptions::default())?;
     for c in [&pair.blue, &pair.green] {

@@ -479,3 +479,21 @@ async fn a_cutover_that_would_outlive_max_pause_rolls_back() {
     c.batch_execute("INSERT INTO t (v) VALUES (2)").await.expect("clients saw only the delay");
     blue_writable(f, db).await;
 }
+
+#[tokio::test]
+async fn a_second_cutover_request_while_one_runs_is_refused() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "co_twice";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY)").await;
+    let proxy = f.proxy(|_| {}).await;
+    let _c = proxy.connect(db).await;
+    let (a, b) = tokio::join!(cutover(&proxy, "green"), async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        cutover(&proxy, "green").await
+    });
+    let outcomes = [a["outcome"].as_str(), b["outcome"].as_str()];
+    assert!(outcomes.contains(&"committed"), "{a:#?} {b:#?}");
+    let refused = if a["outcome"] == "refused" { &a } else { &b };
+    assert!(refused["reason"].contains("already running") || refused["reason"].contains("already the active"), "{refused:#?}");
+}

@@ -216,13 +216,8 @@ async fn cancel_request_cancels_the_running_query_and_a_forged_key_cancels_nothi
     canceller.await.unwrap().unwrap();
 
     // A forged key: the query runs to its end.
-    let (mut raw, hello) = {
-        let proxy = f.proxy(|c| c.auth.method = AuthMethod::Trust).await;
-        let port = proxy.port();
-        let r = raw_login(port, &[("user", "app"), ("database", &db)]).await;
-        std::mem::forget(proxy); // keep it serving for the rest of the test
-        (r.0, r.1)
-    };
+    let trusting = f.proxy(|c| c.auth.method = AuthMethod::Trust).await;
+    let (mut raw, hello) = raw_login(trusting.port(), &[("user", "app"), ("database", &db)]).await;
     let key = hello.iter().find(|m| m.tag == b'K').expect("BackendKeyData");
     let pid = i32::from_be_bytes(key.body[..4].try_into().unwrap());
     let secret = i32::from_be_bytes(key.body[4..8].try_into().unwrap());

@@ -112,7 +112,7 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Er
     Ok(client)
 }
 
-async fn run_client(opts: Arc<Options>, id: i32, run: Arc<String>, start: Instant, deadline: Instant) -> ClientResult {
+async fn run_client(opts: Arc<Options>, id: i32, run: Arc<String>, start: Instant, deadline: Instant, done: Arc<std::sync::atomic::AtomicU64>) -> ClientResult {
     let mut result = ClientResult { id, done: Vec::new(), errors: BTreeMap::new(), committed: Vec::new() };
     let mut seq: i64 = 0;
     'connect: while Instant::now() < deadline {
@@ -136,6 +136,7 @@ async fn run_client(opts: Arc<Options>, id: i32, run: Arc<String>, start: Instan
             let t = Instant::now();
             match workload::run_once(&client, opts.mode, &opts.workload, prepared.as_ref(), &run, id, seq).await {
                 Ok(committed) => {
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let end = start.elapsed().as_micros() as u64;
                     result.done.push((end, t.elapsed().as_micros() as u64));
                     if committed {
@@ -175,8 +176,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let start = Instant::now();
     let deadline = start + opts.duration;
     let mut tasks = tokio::task::JoinSet::new();
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for id in 0..opts.clients {
-        tasks.spawn(run_client(opts.clone(), id as i32, run_id.clone(), start, deadline));
+        tasks.spawn(run_client(opts.clone(), id as i32, run_id.clone(), start, deadline, done.clone()));
     }
     let cutover = opts.cutover_at.zip(opts.config.clone()).map(|(at, config)| {
         tokio::spawn(async move {
@@ -200,9 +202,18 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     if let Some(bar) = &progress {
         let bar = bar.clone();
         let total = opts.duration;
+        let done = done.clone();
         tokio::spawn(async move {
+            // A live line: elapsed time and the throughput of the last second.
+            let mut last = (Instant::now(), 0u64);
+            let mut tps = 0.0;
             while start.elapsed() < total {
-                bar.set_message(format!("{:.0}/{:.0} s", start.elapsed().as_secs_f64(), total.as_secs_f64()));
+                let n = done.load(std::sync::atomic::Ordering::Relaxed);
+                if last.0.elapsed() >= Duration::from_secs(1) {
+                    tps = (n - last.1) as f64 / last.0.elapsed().as_secs_f64();
+                    last = (Instant::now(), n);
+                }
+                bar.set_message(format!("{:.0}/{:.0} s  {n} transactions  {tps:.0} tps", start.elapsed().as_secs_f64(), total.as_secs_f64()));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
