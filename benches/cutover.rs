@@ -16,28 +16,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::{env_or, pgbench, PgBouncer, PASSWORD};
 use pgcutover::cluster::{ClusterOptions, Pair};
 
-const SCHEMA: &str = "
-    CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler char(88));
-    CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler char(84));
-    CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler char(84));
-    CREATE TABLE pgbench_history (id bigserial PRIMARY KEY, tid int, bid int, aid int, delta int, mtime timestamp, filler char(22));
-    CREATE TABLE orders (id bigserial PRIMARY KEY, client int NOT NULL, at timestamptz NOT NULL DEFAULT now());
-";
-
-const SCRIPT: &str = "\\set aid random(1, 100000)
-\\set bid 1
-\\set tid random(1, 10)
-\\set delta random(-5000, 5000)
-BEGIN;
-UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
-INSERT INTO orders (client) VALUES (:client_id);
-END;
-";
-
 fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
@@ -87,15 +65,8 @@ fn read_logs(dir: &Path, switch: (f64, f64)) -> anyhow::Result<Latencies> {
 }
 
 async fn setup(pair: &Pair, db: &str) -> anyhow::Result<()> {
-    pair.replicated_database(db, "app", SCHEMA).await?;
-    pair.blue
-        .execute(
-            db,
-            "INSERT INTO pgbench_branches VALUES (1, 0, ''); \
-             INSERT INTO pgbench_tellers SELECT t, 1, 0, '' FROM generate_series(1, 10) t; \
-             INSERT INTO pgbench_accounts SELECT a, 1, 0, '' FROM generate_series(1, 100000) a;",
-        )
-        .await?;
+    pair.replicated_database(db, "app", pgcutover::cluster::PGBENCH_SCHEMA).await?;
+    pair.blue.execute(db, &pgcutover::cluster::pgbench_rows(100_000)).await?;
     let green = pair.green.connect(db).await?;
     for _ in 0..600 {
         let n: i64 = green.query_one("SELECT count(*) FROM pgbench_accounts", &[]).await?.get(0);
@@ -115,7 +86,7 @@ where
 {
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("load.sql");
-    std::fs::write(&script, SCRIPT)?;
+    std::fs::write(&script, pgcutover::cluster::pgbench_script(100_000))?;
     let clients: u32 = env_or("BENCH_CLIENTS", 16);
     let mode: String = env_or("BENCH_MODE", "simple".to_string());
     let url = format!("host=127.0.0.1 port={port} user=app dbname={db}");

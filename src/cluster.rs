@@ -288,3 +288,42 @@ impl Pair {
 pub fn subscription_name(db: &str) -> String {
     format!("pgcutover_sub_{}", db.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
 }
+
+/// pgbench's tables, with a key on history (logical replication needs a replica
+/// identity) and an `orders` table whose bigserial key shows that no write is lost
+/// or duplicated across a cutover.
+pub const PGBENCH_SCHEMA: &str = "
+    CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler char(88));
+    CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler char(84));
+    CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler char(84));
+    CREATE TABLE pgbench_history (id bigserial PRIMARY KEY, tid int, bid int, aid int, delta int, mtime timestamp, filler char(22));
+    CREATE TABLE orders (id bigserial PRIMARY KEY, client int NOT NULL, at timestamptz NOT NULL DEFAULT now());
+";
+
+/// Rows for [`PGBENCH_SCHEMA`]: one branch, ten tellers, `accounts` accounts.
+pub fn pgbench_rows(accounts: u32) -> String {
+    format!(
+        "INSERT INTO pgbench_branches VALUES (1, 0, ''); \
+         INSERT INTO pgbench_tellers SELECT t, 1, 0, '' FROM generate_series(1, 10) t; \
+         INSERT INTO pgbench_accounts SELECT a, 1, 0, '' FROM generate_series(1, {accounts}) a;"
+    )
+}
+
+/// A pgbench script: tpcb-like, plus an insert into `orders`.
+pub fn pgbench_script(accounts: u32) -> String {
+    format!(
+        "\\set aid random(1, {accounts})
+\\set bid 1
+\\set tid random(1, 10)
+\\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+INSERT INTO orders (client) VALUES (:client_id);
+END;
+"
+    )
+}

@@ -102,47 +102,22 @@ async fn an_idle_session_moves_with_its_settings_prepared_statements_and_listens
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
-/// pgbench's tables, with a key on history (a replica identity) and an `orders`
-/// table whose bigserial key proves no write is lost or duplicated.
-const BENCH_SCHEMA: &str = "
-    CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler char(88));
-    CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler char(84));
-    CREATE TABLE pgbench_accounts (aid int PRIMARY KEY, bid int, abalance int, filler char(84));
-    CREATE TABLE pgbench_history (id bigserial PRIMARY KEY, tid int, bid int, aid int, delta int, mtime timestamp, filler char(22));
-    CREATE TABLE orders (id bigserial PRIMARY KEY, client int NOT NULL, at timestamptz NOT NULL DEFAULT now());
-";
-
-const BENCH_SCRIPT: &str = "\\set aid random(1, 10000)
-\\set bid 1
-\\set tid random(1, 10)
-\\set delta random(-5000, 5000)
-BEGIN;
-UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
-SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
-UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
-UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
-INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
-INSERT INTO orders (client) VALUES (:client_id);
-END;
-";
-
 async fn bench_database(f: &Fixture, db: &str) {
     f.blue().execute("postgres", &format!("CREATE DATABASE {db} OWNER app")).await.unwrap();
     f.blue()
         .execute(
             db,
             &format!(
-                "SET ROLE app; {BENCH_SCHEMA}
-                 INSERT INTO pgbench_branches VALUES (1, 0, '');
-                 INSERT INTO pgbench_tellers SELECT t, 1, 0, '' FROM generate_series(1, 10) t;
-                 INSERT INTO pgbench_accounts SELECT a, 1, 0, '' FROM generate_series(1, 10000) a;"
+                "SET ROLE app; {} {}",
+                pgcutover::cluster::PGBENCH_SCHEMA,
+                pgcutover::cluster::pgbench_rows(10_000)
             ),
         )
         .await
         .unwrap();
     // The pair's helper creates the database on green and subscribes it.
     f.green().execute("postgres", &format!("CREATE DATABASE {db} OWNER app")).await.unwrap();
-    f.green().execute(db, &format!("SET ROLE app; {BENCH_SCHEMA}")).await.unwrap();
+    f.green().execute(db, &format!("SET ROLE app; {}", pgcutover::cluster::PGBENCH_SCHEMA)).await.unwrap();
     f.blue().execute(db, "CREATE PUBLICATION pgcutover_pub FOR ALL TABLES").await.unwrap();
     f.green()
         .execute(db, &format!("CREATE SUBSCRIPTION {} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname={db}' PUBLICATION pgcutover_pub", pgcutover::cluster::subscription_name(db), f.blue().port))
@@ -163,7 +138,7 @@ async fn cutover_under_pgbench(mode: &str) {
     let proxy = f.proxy(|c| c.cutover.drain_timeout = Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("tx.sql");
-    std::fs::write(&script, BENCH_SCRIPT).unwrap();
+    std::fs::write(&script, pgcutover::cluster::pgbench_script(10_000)).unwrap();
     let url = format!("host=127.0.0.1 port={} user=app dbname={db}", proxy.port());
     let load = tokio::process::Command::new(common::pg_program("pgbench"))
         .args(["-n", "-M", mode, "-c", "16", "-j", "2", "-T", "6", "-f"])

@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod served;
+#[allow(unused_imports)]
 pub use served::Served;
 
 pub const PASSWORD: &str = "secret";
