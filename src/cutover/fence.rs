@@ -26,11 +26,22 @@ pub struct Fence {
 /// on our next command only after the postmaster has re-read them and signalled
 /// every child, so from then on no backend runs a command under the old settings.
 pub async fn reload(c: &Client) -> anyhow::Result<()> {
+    let before = start_reload(c).await?;
+    reloaded(c, &before).await
+}
+
+/// Asks for a reload; returns the load time to wait past.
+async fn start_reload(c: &Client) -> anyhow::Result<String> {
     let before: String = c.query_one("SELECT pg_conf_load_time()::text", &[]).await?.get(0);
     c.batch_execute("SELECT pg_reload_conf()").await?;
+    Ok(before)
+}
+
+/// Waits until this backend has reloaded since `before` (see [`reload`]).
+async fn reloaded(c: &Client, before: &str) -> anyhow::Result<()> {
     for _ in 0..5000 {
         let now: String = c.query_one("SELECT pg_conf_load_time()::text", &[]).await?.get(0);
-        if now != before {
+        if now != *before {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -43,7 +54,9 @@ pub async fn fence(src: &Client, roles: &[String], keep_pids: &[i32], admin_user
     src.batch_execute("SET default_transaction_read_only = off").await?;
     src.batch_execute("ALTER SYSTEM SET default_transaction_read_only = on").await.context("ALTER SYSTEM")?;
     f.read_only = true;
-    reload(src).await?;
+    // The postmaster reloads while the roles are changed; the fence is complete
+    // only once it has (checked at the end).
+    let before = start_reload(src).await?;
     let rows = src
         .query("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1) AND rolcanlogin AND rolname <> $2", &[&roles, &admin_user])
         .await?;
@@ -64,6 +77,7 @@ pub async fn fence(src: &Client, roles: &[String], keep_pids: &[i32], admin_user
         )
         .await?
         .get(0);
+    reloaded(src, &before).await?;
     Ok(f)
 }
 
