@@ -32,6 +32,23 @@ async fn loadtest_without_a_cutover_reports_latencies_and_finds_every_write() {
     let (ok, out, _) = loadtest(&["--url", &url, "--clients", "2", "--duration", "500ms", "--workload", "select"]).await;
     assert!(ok);
     assert!(out.contains("steady state") && out.contains("errors: none"), "{out}");
+
+    // A SQL file: its statements, in order, as one iteration.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("work.sql");
+    // Concurrent CREATE TABLE IF NOT EXISTS can collide in the catalog: create it first.
+    f.blue().execute(&db, "CREATE TABLE hits (n int); GRANT ALL ON hits TO app").await.unwrap();
+    std::fs::write(&file, "INSERT INTO hits VALUES (1);\nSELECT count(*) FROM hits;").unwrap();
+    for mode in ["simple", "prepared"] {
+        let (ok, out, err) = loadtest(&["--url", &url, "--clients", "2", "--duration", "500ms", "--mode", mode, "--workload", file.to_str().unwrap(), "--json"]).await;
+        assert!(ok, "{out}{err}");
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(r["workload"], "file");
+        assert_eq!(r["errors"], serde_json::json!({}), "{r}");
+        assert!(r["lost_writes"].is_null());
+    }
+    let hits: i64 = f.blue().connect(&db).await.unwrap().query_one("SELECT count(*) FROM hits", &[]).await.unwrap().get(0);
+    assert!(hits > 0);
 }
 
 #[tokio::test]
