@@ -44,29 +44,9 @@ enum Command {
         json: bool,
     },
     /// Move every session to another backend (default: [cutover] target).
-    Cutover {
-        #[arg(long, short, default_value = "proxy.toml")]
-        config: PathBuf,
-        /// The backend to move to.
-        #[arg(long)]
-        to: Option<String>,
-        /// Skip the preflight checks that do not guard data.
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Cutover(CutoverArgs),
     /// Run the cutover's preflight checks only.
-    Check {
-        #[arg(long, short, default_value = "proxy.toml")]
-        config: PathBuf,
-        #[arg(long)]
-        to: Option<String>,
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Check(CutoverArgs),
     /// Run transactions through the proxy and report the latencies clients feel,
     /// optionally with a cutover in the middle.
     Loadtest {
@@ -148,6 +128,20 @@ async fn cutover(config: &std::path::Path, verb: &str, to: Option<String>, force
     }
 }
 
+#[derive(clap::Args)]
+struct CutoverArgs {
+    #[arg(long, short, default_value = "proxy.toml")]
+    config: PathBuf,
+    /// The backend to move to.
+    #[arg(long)]
+    to: Option<String>,
+    /// Skip the preflight checks that do not guard data.
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGCUTOVER_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -175,8 +169,8 @@ fn main() -> ExitCode {
             }
             Command::Resume { config, json } => console(&config, "RESUME", json).await,
             Command::Status { config, json } => console(&config, "SHOW STATUS", json).await,
-            Command::Cutover { config, to, force, json } => cutover(&config, "CUTOVER", to, force, json).await,
-            Command::Check { config, to, force, json } => cutover(&config, "CHECK", to, force, json).await,
+            Command::Cutover(a) => cutover(&a.config, "CUTOVER", a.to, a.force, a.json).await,
+            Command::Check(a) => cutover(&a.config, "CHECK", a.to, a.force, a.json).await,
             Command::Demo { seconds, plot } => pgcutover::demo::run(std::time::Duration::from_secs(seconds), &plot).await,
             Command::Loadtest { url, clients, duration, mode, workload, cutover_at, config, init, json, plot } => {
                 let parse = |d: &str| pgcutover::admin::command::parse_duration(d).map_err(|e| anyhow::anyhow!("{e}"));
