@@ -28,8 +28,6 @@ pub struct Gate {
     epoch: AtomicU64,
     current: Mutex<Option<ActivePause>>,
     stats: Mutex<GateStats>,
-    /// The longest hold of the current (or last) pause, µs.
-    longest_hold_us: AtomicU64,
 }
 
 struct ActivePause {
@@ -138,7 +136,6 @@ impl Gate {
                 drain_us: histogram(),
                 hold_us: histogram(),
             }),
-            longest_hold_us: AtomicU64::new(0),
         }
     }
 
@@ -199,7 +196,6 @@ impl Gate {
         let _ = rx.wait_for(|open| *open).await;
         drop(holding);
         if let Some(held) = info.set_held(false) {
-            self.longest_hold_us.fetch_max(held.as_micros() as u64, Ordering::Relaxed);
             self.with_stats(|s| {
                 s.held_requests += 1;
                 record(&mut s.hold_us, held);
@@ -214,7 +210,6 @@ impl Gate {
             return Err(PauseError::AlreadyPaused);
         }
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        self.longest_hold_us.store(0, Ordering::Relaxed);
         self.closed.store(true, Ordering::SeqCst);
         self.open_tx.send_replace(false);
         let gate = self.clone();
@@ -256,11 +251,6 @@ impl Gate {
         let since = current.as_ref().map(|p| p.since).ok_or(PauseError::NotPaused)?;
         self.reopen(&mut current);
         Ok(since.elapsed())
-    }
-
-    /// The longest any request was held in the current or last pause.
-    pub fn longest_hold(&self) -> Duration {
-        Duration::from_micros(self.longest_hold_us.load(Ordering::Relaxed))
     }
 
     fn is_epoch(&self, epoch: u64) -> bool {

@@ -299,9 +299,14 @@ async fn a_disabled_subscription_a_table_without_replica_identity_or_a_dead_targ
     replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int); CREATE TABLE loose (v int)").await;
     let proxy = f.proxy(|_| {}).await;
     let c = proxy.connect(db).await;
+    // Refused while an operator holds a PAUSE: the operator's pause stays.
+    proxy.admin("PAUSE").await.unwrap();
     let report = cutover(&proxy, "green").await;
     assert_eq!(report["outcome"], "refused");
     assert!(report["reason"].contains("replica identity") && report["reason"].contains("loose"), "{report:#?}");
+    let st = proxy.admin("SHOW STATUS").await.unwrap();
+    assert!(st.iter().any(|r| r[0].as_deref() == Some("paused") && r[1].as_deref() == Some("true")), "the cutover reopened an operator's pause");
+    proxy.admin("RESUME").await.unwrap();
     f.blue().execute(db, "ALTER TABLE loose REPLICA IDENTITY FULL").await.unwrap();
 
     let sub = pgcutover::cluster::subscription_name(db);

@@ -181,7 +181,6 @@ impl Run<'_> {
         }
         self.record("preflight", t);
         if !problems.is_empty() {
-            self.report.outcome = Outcome::Refused;
             return Err(("preflight", problems.join("; ")));
         }
 
@@ -230,7 +229,7 @@ impl Run<'_> {
         }
 
         // Everything up to the repoint fits in max_pause, or rolls back.
-        let bounded = tokio::time::timeout_at(deadline.into(), self.fence_catch_up_sequences(force)).await;
+        let bounded = tokio::time::timeout_at(deadline.into(), self.fence_catch_up_sequences()).await;
         match bounded {
             Ok(r) => r?,
             Err(_) => return Err(("max_pause", format!("the cutover would have paused traffic longer than max_pause ({:?})", cut.max_pause))),
@@ -285,7 +284,7 @@ impl Run<'_> {
         Ok(())
     }
 
-    async fn fence_catch_up_sequences(&mut self, _force: bool) -> Result<(), Failure> {
+    async fn fence_catch_up_sequences(&mut self) -> Result<(), Failure> {
         let config = self.proxy.config();
         let cut = &config.cutover;
         if cut.fence_source {
@@ -374,7 +373,8 @@ impl Run<'_> {
                 }
             }
         }
-        if self.paused || self.proxy.gate().paused_for().is_some() && phase != "drain" {
+        // Only a pause this cutover made: an operator's PAUSE stays as it is.
+        if self.paused {
             if let Ok(paused) = self.proxy.gate().resume() {
                 self.report.pause_ms = ms(paused);
             }
@@ -382,9 +382,7 @@ impl Run<'_> {
         for s in self.proxy.sessions.list() {
             drop(s.take_prewarmed());
         }
-        if self.report.outcome != Outcome::Refused || phase != "preflight" {
-            self.report.outcome = Outcome::RolledBack;
-        }
+        self.report.outcome = if phase == "preflight" { Outcome::Refused } else { Outcome::RolledBack };
         self.report.failed_phase = Some(phase.into());
         if self.report.reason.is_none() {
             self.report.reason = Some(why);
