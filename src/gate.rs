@@ -15,7 +15,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::OnDrainTimeout;
 use crate::server::Proxy;
-use crate::session::registry::{Control, SessionInfo, CANCEL_PENDING};
+use crate::session::registry::{Control, SessionInfo};
 
 pub struct Gate {
     closed: AtomicBool,
@@ -90,7 +90,7 @@ pub struct InFlight {
 
 impl InFlight {
     fn of(s: &SessionInfo) -> InFlight {
-        let state = if s.outstanding() > 0 { "running" } else { s.tx_state().as_str() };
+        let state = if s.running() { "running" } else { s.tx_state().as_str() };
         InFlight { id: s.id, user: s.user.clone(), database: s.database.clone(), application_name: s.application_name.clone(), state }
     }
 }
@@ -176,25 +176,17 @@ impl Gate {
         }
     }
 
-    /// Session side: holds until the gate opens. The caller has taken back its
-    /// request unit, so the session counts as quiescent while it waits.
-    ///
-    /// Cancellation-safe: a hold interrupted (to move the session, say) leaves the
-    /// request counted as held from its first hold until it is finally let through.
-    pub async fn hold(&self, rx: &mut watch::Receiver<bool>, info: &SessionInfo) {
-        struct Holding<'a>(&'a AtomicI64);
-        impl Drop for Holding<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
+    /// Session side: a request is held from now. The session has published itself
+    /// quiescent, so a drain waiting for it may finish.
+    pub fn held(&self, info: &SessionInfo) {
         info.set_held(true);
         self.held_now.fetch_add(1, Ordering::Relaxed);
-        let holding = Holding(&self.held_now);
         self.notify_quiescent();
-        // An error means the proxy is going away; stop holding either way.
-        let _ = rx.wait_for(|open| *open).await;
-        drop(holding);
+    }
+
+    /// Session side: the held request goes on (the gate opened, or the client left).
+    pub fn released(&self, info: &SessionInfo) {
+        self.held_now.fetch_sub(1, Ordering::Relaxed);
         if let Some(held) = info.set_held(false) {
             self.with_stats(|s| {
                 s.held_requests += 1;
@@ -296,21 +288,23 @@ pub async fn pause_with_watchdog(proxy: &Arc<Proxy>, timeout: Option<Duration>, 
         if deadline.is_some_and(|d| Instant::now() >= d) {
             gate.with_stats(|s| s.drain_timeouts += 1);
             match on_timeout {
-                OnDrainTimeout::Abort => {
+                OnDrainTimeout::Cancel if cancelled.is_empty() => {
+                    for s in &busy {
+                        cancelled.push(InFlight::of(s));
+                        s.control(Control::CancelForPause);
+                    }
+                    gate.with_stats(|s| s.cancelled_for_pause += busy.len() as u64);
+                    // What was cancelled winds down within one more drain_timeout;
+                    // a session that does not (a client that never finishes its
+                    // COPY, say) ends the pause as an abort would.
+                    deadline = timeout.map(|t| Instant::now() + t);
+                }
+                _ => {
                     gate.open_if(epoch);
                     let timeout = timeout.unwrap_or(max_pause);
                     let in_the_way: Vec<InFlight> = busy.iter().map(|s| InFlight::of(s)).collect();
                     tracing::warn!(?timeout, sessions = %describe(&in_the_way), "drain timed out: pause aborted");
                     return Err(PauseError::Aborted(timeout, in_the_way));
-                }
-                OnDrainTimeout::Cancel => {
-                    for s in &busy {
-                        cancelled.push(InFlight::of(s));
-                        cancel_for_pause(s).await;
-                    }
-                    gate.with_stats(|s| s.cancelled_for_pause += busy.len() as u64);
-                    // What was cancelled now winds down; max_pause still bounds it.
-                    deadline = None;
                 }
             }
         }
@@ -320,18 +314,5 @@ pub async fn pause_with_watchdog(proxy: &Arc<Proxy>, timeout: Option<Duration>, 
             _ = &mut notified => {}
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
-    }
-}
-
-/// Ends a session's in-flight work for a pause: cancels its running query (the
-/// backend's 57014 reaches the client as 40001) or, if it sits idle in a
-/// transaction, ends that transaction (its next request gets the 40001).
-async fn cancel_for_pause(s: &Arc<SessionInfo>) {
-    s.cancel_mark.store(CANCEL_PENDING, Ordering::SeqCst);
-    if s.outstanding() > 0 {
-        let link = s.backend();
-        link.target.cancel(link.key).await;
-    } else {
-        s.control(Control::EndTransaction { error_pending: true });
     }
 }

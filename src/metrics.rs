@@ -49,7 +49,7 @@ pub fn render(proxy: &Proxy) -> String {
     for s in &sessions {
         if s.held_since().is_some() {
             held += 1;
-        } else if s.outstanding() > 0 {
+        } else if s.running() {
             active += 1;
         } else if s.tx_state() == crate::session::registry::TxState::Idle {
             idle += 1;

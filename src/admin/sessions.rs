@@ -18,7 +18,7 @@ pub fn show(proxy: &Arc<Proxy>) -> ResultSet {
     for s in proxy.sessions.list() {
         let state = if s.held_since().is_some() {
             "held".to_string()
-        } else if s.outstanding() > 0 {
+        } else if s.running() {
             "active".to_string()
         } else {
             s.tx_state().as_str().to_string()

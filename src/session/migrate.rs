@@ -68,7 +68,7 @@ pub type Async = Vec<BytesMut>;
 type Row = Vec<Option<String>>;
 
 /// Runs one simple query and collects its rows, or the first error.
-async fn simple_query(stream: &mut Stream, sql: &str, asynchronous: &mut Async) -> Result<Vec<Row>, MigrateError> {
+pub async fn simple_query(stream: &mut Stream, sql: &str, asynchronous: &mut Async) -> Result<Vec<Row>, MigrateError> {
     let mut q = BytesMut::new();
     let mut body = sql.as_bytes().to_vec();
     body.push(0);

@@ -1,9 +1,12 @@
 //! A client session after login: connect its backend, introduce the backend to the
-//! client, relay until either side ends — moving to another backend when a cutover
-//! asks — and end the other side cleanly.
+//! client, relay until either side ends — holding at a closed gate, and moving to
+//! another backend in place when a cutover asks — and end the other side cleanly.
 
-pub mod aborted;
+pub mod buffer;
+pub mod ended;
+pub mod fuzzing;
 pub mod migrate;
+pub mod pipeline;
 pub mod registry;
 pub mod relay;
 
@@ -11,15 +14,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
 
 use crate::backend::{BackendConn, BackendTarget};
 use crate::client::Login;
 use crate::net::Stream;
 use crate::protocol::{sqlstate, write, PgError};
 use crate::server::Proxy;
-use registry::{BackendLink, NewSession, Prepared, Prewarmed, SessionInfo};
-use relay::{End, Pump, Upstream};
+use ended::Ended;
+use registry::{BackendLink, Control, NewSession, Prepared, Prewarmed, SessionInfo};
+use relay::{BackendSide, End, Event, Relay};
 
 /// Writes a FATAL error to a client and closes it, best effort.
 pub async fn fail(stream: &mut Stream, err: &PgError) {
@@ -66,9 +71,6 @@ pub async fn run(proxy: Arc<Proxy>, mut login: Login) {
         creds: login.creds.clone(),
     });
     let info = guard.info.clone();
-    if proxy.is_shutting_down() {
-        info.control(registry::Control::Shutdown);
-    }
     tracing::debug!(session = info.id, user = %info.user, database = %info.database, backend = %target.name, "session started");
 
     let mut hello = BytesMut::with_capacity(512);
@@ -83,189 +85,282 @@ pub async fn run(proxy: Arc<Proxy>, mut login: Login) {
     }
 
     let limit = proxy.config().proxy.max_message_size;
-    let (to_client, mut from_proxy) = tokio::sync::mpsc::unbounded_channel();
-    let mut upstream = Upstream::new(&info, proxy.gate(), control, to_client);
-    let mut up = Pump::new(limit);
-    let mut client = login.stream;
-    let mut backend = conn;
-    loop {
-        let mut down = Pump::new(limit);
-        let (c, b, end) = relay_until_end(client, backend.stream, backend.key.pid, &mut up, &mut down, &mut upstream, &mut from_proxy).await;
-        client = c;
-        backend.stream = b;
-        match end {
-            End::Prepare => {
-                if down.peer_at_boundary() {
-                    prepare_move(&info, &mut client, &mut backend.stream).await;
-                }
-            }
-            End::Migrate if !down.peer_at_boundary() => {
-                // The client holds part of a message from the old backend: it cannot
-                // be switched mid-message.
-                proxy.cutover_tally().closed(info.id, "interrupted mid-message".into());
-                finish(End::Shutdown, &info, &mut client, backend.stream, &up, &down).await;
-                break;
-            }
-            End::Migrate => match move_backend(&proxy, &info, &mut client, backend).await {
-                Some(next) => backend = next,
-                None => break,
-            },
-            end => {
-                finish(end, &info, &mut client, backend.stream, &up, &down).await;
-                break;
-            }
-        }
+    let backend = BackendSide { stream: conn.stream, target, key: conn.key };
+    let relay = Relay::new(info.clone(), proxy.gate().clone(), login.stream, backend, limit, conn.ready_status, conn.params);
+    let mut session = Session { gate_rx: proxy.gate().subscribe(), proxy, relay, control };
+    if session.proxy.is_shutting_down() {
+        session.relay.want.shutdown = true;
     }
+    let end = session.relay_loop().await;
+    session.finish(end).await;
     drop(login.permit);
+    drop(guard);
     tracing::debug!(session = info.id, "session ended");
 }
 
-/// Relays until one side ends; gives both streams back.
-async fn relay_until_end(
-    client: Stream,
-    backend: Stream,
-    backend_pid: i32,
-    up: &mut Pump,
-    down: &mut Pump,
-    upstream: &mut Upstream<'_>,
-    from_proxy: &mut tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
-) -> (Stream, Stream, End) {
-    let (mut crd, mut cwr) = tokio::io::split(client);
-    let (mut brd, mut bwr) = tokio::io::split(backend);
-    let info = upstream.info;
-    let gate = upstream.gate;
-    let end = tokio::select! {
-        end = relay::client_to_backend(&mut crd, &mut bwr, up, upstream) => end,
-        end = relay::backend_to_client(&mut brd, &mut cwr, down, info, gate, from_proxy, backend_pid) => end,
-    };
-    (crd.unsplit(cwr), brd.unsplit(bwr), end)
+/// A session's task: the relay and what talks to it.
+struct Session {
+    proxy: Arc<Proxy>,
+    relay: Relay,
+    control: mpsc::UnboundedReceiver<Control>,
+    gate_rx: watch::Receiver<bool>,
 }
 
-/// While the session is held, copies its state onto its prewarmed connection so
-/// that the switch itself is only a swap. The state cannot change until then: the
-/// session sends nothing while the gate is closed.
-async fn prepare_move(info: &Arc<SessionInfo>, client: &mut Stream, old: &mut Stream) {
-    let Some(mut slot) = info.take_prewarmed() else { return };
-    if slot.state == Prepared::No {
-        let mut asynchronous = Vec::new();
-        let copied = async {
-            let state = migrate::read_state(old, &mut asynchronous).await?;
-            migrate::replay(&mut slot.conn.stream, &state, &mut asynchronous).await
-        }
-        .await;
-        for frame in &asynchronous {
-            let _ = client.write_all(frame).await;
-        }
-        slot.state = match copied {
-            Ok(()) => Prepared::Yes,
-            Err(e) => Prepared::Failed(e.to_string()),
-        };
+enum Step {
+    Control(Control),
+    GateChanged,
+    Relay(Event),
+}
+
+impl Session {
+    fn info(&self) -> &Arc<SessionInfo> {
+        &self.relay.info
     }
-    info.put_prewarmed(slot);
-}
 
-/// Moves an idle session to the active backend: reads its state back from the old
-/// backend, replays it on a connection opened beforehand (or now), and swaps — or
-/// only swaps, when the state was copied beforehand. A session whose state cannot
-/// move gets a clear error and is closed.
-async fn move_backend(proxy: &Arc<Proxy>, info: &Arc<SessionInfo>, client: &mut Stream, mut old: BackendConn) -> Option<BackendConn> {
-    let active = proxy.active_backend();
-    let (target, mut new, prepared) = match info.take_prewarmed() {
-        Some(Prewarmed { target, conn, state }) if target.name == active.name => (target, conn, state),
-        _ => match active.connect(&info.startup_params, &info.creds).await {
-            Ok(c) => (active.clone(), c, Prepared::No),
-            Err(e) => {
-                tracing::warn!(session = info.id, error = %e, "cannot open a connection on the new backend");
-                proxy.cutover_tally().closed(info.id, e.to_string());
-                fail(client, &e.client_error(&active.name)).await;
-                terminate_backend(old.stream).await;
-                return None;
+    /// Relays until the session ends.
+    ///
+    /// Cancellation safety: each arm of the `select!` is cancel-safe — a control
+    /// message or gate change is not consumed unless its arm wins, and the relay's
+    /// poll keeps all its state in `self.relay`.
+    async fn relay_loop(&mut self) -> End {
+        loop {
+            let relay = &mut self.relay;
+            let holding = relay.holding;
+            let step = tokio::select! {
+                biased;
+                Some(c) = self.control.recv() => Step::Control(c),
+                _ = self.gate_rx.changed(), if holding => Step::GateChanged,
+                ev = std::future::poll_fn(|cx| relay.poll_relay(cx)) => Step::Relay(ev),
+            };
+            match step {
+                Step::Control(Control::Kill) => return End::Shutdown,
+                Step::Control(Control::Shutdown) => {
+                    self.relay.want.shutdown = true;
+                    if self.relay.holding {
+                        return End::Shutdown;
+                    }
+                }
+                Step::Control(Control::CancelForPause) => {
+                    if let Some(key) = self.relay.cancel_for_pause() {
+                        let target = self.relay.backend.target.clone();
+                        tokio::spawn(async move { target.cancel(key).await });
+                    }
+                }
+                Step::Control(Control::Migrate) => self.relay.want.migrate = true,
+                Step::Control(Control::Prepare) => self.relay.want.prepare = true,
+                Step::GateChanged => {
+                    if *self.gate_rx.borrow_and_update() {
+                        self.release();
+                    }
+                }
+                Step::Relay(Event::Hold) => {
+                    self.relay.gate.held(&self.relay.info);
+                    if self.relay.want.shutdown {
+                        return End::Shutdown;
+                    }
+                    // The gate may have opened since the relay looked.
+                    if *self.gate_rx.borrow_and_update() && !self.relay.gate.is_closed() {
+                        self.release();
+                    }
+                }
+                Step::Relay(Event::Ready) => {
+                    if self.relay.want.shutdown && self.relay.client_idle() {
+                        return End::Shutdown;
+                    }
+                    if self.relay.want.prepare {
+                        self.relay.want.prepare = false;
+                        self.prepare().await;
+                    }
+                    if self.relay.want.migrate {
+                        self.relay.want.migrate = false;
+                        if let Err(end) = self.migrate().await {
+                            return end;
+                        }
+                    }
+                }
+                Step::Relay(Event::End(end)) => return end,
             }
-        },
-    };
-    let mut asynchronous = Vec::new();
-    let moved = match prepared {
-        Prepared::Yes => Ok(()),
-        Prepared::Failed(why) => Err(why),
-        Prepared::No => async {
-            let state = migrate::read_state(&mut old.stream, &mut asynchronous).await?;
-            migrate::replay(&mut new.stream, &state, &mut asynchronous).await
         }
-        .await
-        .map_err(|e| e.to_string()),
-    };
-    // What the old backend said on its own while we asked belongs to the client.
-    for frame in &asynchronous {
-        let _ = client.write_all(frame).await;
     }
-    match moved {
-        Ok(()) => {
-            info.set_backend(BackendLink { target: target.clone(), key: new.key });
-            proxy.cutover_tally().moved(info.id);
-            tracing::debug!(session = info.id, to = %target.name, "session moved");
-            terminate_backend(old.stream).await;
-            Some(new)
+
+    /// The held request goes on.
+    fn release(&mut self) {
+        if self.relay.holding {
+            self.relay.holding = false;
+            self.relay.gate.released(&self.relay.info);
         }
-        Err(e) => {
-            tracing::warn!(session = info.id, error = %e, "session cannot move; closing it");
-            proxy.cutover_tally().closed(info.id, e.to_string());
-            let err = PgError::fatal(
+    }
+
+    /// Turns a block the proxy aborted back into an idle backend (the client's view
+    /// is kept by the relay), so that the backend can be asked about the session.
+    async fn unabort(&mut self, asynchronous: &mut migrate::Async) -> Result<(), migrate::MigrateError> {
+        if self.relay.ended == Ended::Aborted {
+            migrate::simple_query(&mut self.relay.backend.stream, "ROLLBACK", asynchronous).await?;
+            self.relay.ended = Ended::RolledBack;
+        }
+        Ok(())
+    }
+
+    /// While the session is held, copies its state onto its prewarmed connection so
+    /// that the switch itself is only a swap.
+    async fn prepare(&mut self) {
+        let Some(mut slot) = self.info().take_prewarmed() else { return };
+        if slot.state == Prepared::No {
+            let mut old_async = Vec::new();
+            let mut new_async = Vec::new();
+            let copied = async {
+                self.unabort(&mut old_async).await?;
+                let state = migrate::read_state(&mut self.relay.backend.stream, &mut old_async).await?;
+                migrate::replay(&mut slot.conn.stream, &state, &mut new_async).await
+            }
+            .await;
+            let old_pid = self.relay.backend.key.pid;
+            self.deliver(old_async, old_pid, None);
+            self.deliver(new_async, slot.conn.key.pid, Some(&mut slot.conn.params));
+            slot.state = match copied {
+                Ok(()) => Prepared::Yes,
+                Err(e) => Prepared::Failed(e.to_string()),
+            };
+        }
+        self.info().put_prewarmed(slot);
+    }
+
+    /// Hands the client what a backend said on its own while the proxy asked it
+    /// something: notifications with the client's pid, ParameterStatus folded into
+    /// `params` (the new backend's, diffed at the swap) or passed on.
+    fn deliver(&mut self, frames: migrate::Async, backend_pid: i32, mut params: Option<&mut Vec<(String, String)>>) {
+        for mut frame in frames {
+            match frame.first() {
+                Some(b'A') if frame.len() >= 9 => {
+                    if frame[5..9] == backend_pid.to_be_bytes() {
+                        frame[5..9].copy_from_slice(&self.relay.info.key.pid.to_be_bytes());
+                    }
+                    self.relay.to_client.extend(&frame);
+                }
+                Some(b'S') => {
+                    let fields: Vec<String> = frame.get(5..).unwrap_or_default().split(|c| *c == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+                    if let [name, value, ..] = fields.as_slice() {
+                        match params.as_deref_mut() {
+                            Some(p) => relay::set_param(p, name, value),
+                            None => {
+                                relay::set_param(&mut self.relay.params, name, value);
+                                self.relay.to_client.extend(&frame);
+                            }
+                        }
+                    }
+                }
+                // Notices about the proxy's own queries are not the client's business.
+                _ => {}
+            }
+        }
+    }
+
+    /// Moves the (idle) session to the active backend: swaps to the connection
+    /// prepared beforehand (or opens one and replays the state now). A session
+    /// whose state cannot move is closed with a clear error.
+    async fn migrate(&mut self) -> Result<(), End> {
+        let proxy = self.proxy.clone();
+        let active = proxy.active_backend();
+        if active.name == self.relay.backend.target.name {
+            return Ok(());
+        }
+        let id = self.info().id;
+        let (target, mut new, prepared) = match self.info().take_prewarmed() {
+            Some(Prewarmed { target, conn, state }) if target.name == active.name => (target, conn, state),
+            _ => match active.connect(&self.info().startup_params, &self.info().creds).await {
+                Ok(c) => (active.clone(), c, Prepared::No),
+                Err(e) => {
+                    tracing::warn!(session = id, error = %e, "cannot open a connection on the new backend");
+                    proxy.cutover_tally().closed(id, e.to_string());
+                    return Err(End::Closed(e.client_error(&active.name)));
+                }
+            },
+        };
+        let mut old_async = Vec::new();
+        let mut new_async = Vec::new();
+        let moved = match prepared {
+            Prepared::Yes => Ok(()),
+            Prepared::Failed(why) => Err(why),
+            Prepared::No => async {
+                self.unabort(&mut old_async).await?;
+                let state = migrate::read_state(&mut self.relay.backend.stream, &mut old_async).await?;
+                migrate::replay(&mut new.stream, &state, &mut new_async).await
+            }
+            .await
+            .map_err(|e| e.to_string()),
+        };
+        let old_pid = self.relay.backend.key.pid;
+        self.deliver(old_async, old_pid, None);
+        self.deliver(new_async, new.key.pid, Some(&mut new.params));
+        if let Err(e) = moved {
+            tracing::warn!(session = id, error = %e, "session cannot move; closing it");
+            proxy.cutover_tally().closed(id, e.clone());
+            terminate_backend(new.stream).await;
+            return Err(End::Closed(PgError::fatal(
                 sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("pgcutover moved the database to another server and could not bring this session along: {e}; reconnect"),
-            );
-            fail(client, &err).await;
-            terminate_backend(old.stream).await;
-            terminate_backend(new.stream).await;
-            None
+            )));
         }
+        // The client learns what differs on the new server (server_version, ...).
+        let mut changed = BytesMut::new();
+        for (name, value) in &new.params {
+            if self.relay.params.iter().find(|(k, _)| k == name).map(|(_, v)| v) != Some(value) {
+                write::parameter_status(&mut changed, name, value);
+            }
+        }
+        for (name, value) in std::mem::take(&mut new.params) {
+            relay::set_param(&mut self.relay.params, &name, &value);
+        }
+        self.relay.to_client.extend(&changed);
+        let old = std::mem::replace(&mut self.relay.backend, BackendSide { stream: new.stream, target: target.clone(), key: new.key });
+        self.info().set_backend(BackendLink { target: target.clone(), key: new.key });
+        proxy.cutover_tally().moved(id);
+        tracing::debug!(session = id, to = %target.name, "session moved");
+        tokio::spawn(terminate_backend(old.stream));
+        Ok(())
     }
-}
 
-/// Ends the other side cleanly once one side has ended.
-async fn finish(end: End, info: &SessionInfo, client: &mut Stream, mut backend: Stream, up: &Pump, down: &Pump) {
-    let link = info.backend();
-    let backend_name = &link.target.name;
-    match end {
-        End::ClientTerminated | End::Migrate | End::Prepare => {}
-        End::Shutdown => {
-            tell_client(client, down, PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command")).await;
-            if up.peer_at_boundary() {
-                let _ = tokio::time::timeout(Duration::from_secs(1), backend.write_all(&write::TERMINATE)).await;
+    /// Ends the other side cleanly once one side has ended.
+    async fn finish(mut self, end: End) {
+        self.release();
+        let relay = &mut self.relay;
+        let backend_name = relay.backend.target.name.clone();
+        let mut say_goodbye = relay.from_client.at_boundary();
+        match &end {
+            End::ClientTerminated => say_goodbye = false,
+            End::Shutdown => relay::tell_client(relay, &PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command")),
+            End::Closed(err) => relay::tell_client(relay, err),
+            End::ClientGone(_) | End::ClientProtocol(_) => {
+                if let End::ClientProtocol(e) = &end {
+                    tracing::info!(session = relay.info.id, error = %e, "client protocol violation");
+                    relay::tell_client(relay, &PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()));
+                }
+                // A query still running would go on after its client left: cancel it.
+                if relay.pipeline.is_running() {
+                    relay.backend.target.cancel(relay.backend.key).await;
+                }
+            }
+            End::BackendGone(e) => {
+                say_goodbye = false;
+                tracing::warn!(session = relay.info.id, backend = %backend_name, error = ?e, "backend connection lost");
+                if !relay.last_was_error {
+                    relay::tell_client(relay, &PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("backend \"{backend_name}\" closed the connection unexpectedly")));
+                }
+            }
+            End::BackendProtocol(e) => {
+                say_goodbye = false;
+                tracing::warn!(session = relay.info.id, backend = %backend_name, error = %e, "backend protocol violation");
+                relay::tell_client(relay, &PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid message from backend \"{backend_name}\"")));
             }
         }
-        End::ClientGone(_) | End::ClientProtocol(_) => {
-            if let End::ClientProtocol(e) = &end {
-                tracing::info!(session = info.id, error = %e, "client protocol violation");
-                tell_client(client, down, PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())).await;
-            }
-            // A query still running would go on after its client left: cancel it.
-            if info.outstanding() > 0 {
-                link.target.cancel(link.key).await;
-            }
-            if up.peer_at_boundary() {
-                let _ = tokio::time::timeout(Duration::from_secs(1), backend.write_all(&write::TERMINATE)).await;
-            }
+        if say_goodbye {
+            relay.to_backend.extend(&write::TERMINATE);
         }
-        End::BackendGone(e) => {
-            tracing::warn!(session = info.id, backend = %backend_name, error = ?e, "backend connection lost");
-            if !down.last_was_error() {
-                tell_client(client, down, PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("backend \"{backend_name}\" closed the connection unexpectedly"))).await;
-            }
-        }
-        End::BackendProtocol(e) => {
-            tracing::warn!(session = info.id, backend = %backend_name, error = %e, "backend protocol violation");
-            tell_client(client, down, PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid message from backend \"{backend_name}\""))).await;
-        }
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(1), client.shutdown()).await;
-}
-
-/// Injects an error into the client's stream, unless the client holds a partial frame.
-async fn tell_client<W: AsyncWrite + Unpin>(cwr: &mut W, down: &Pump, err: PgError) {
-    if down.peer_at_boundary() {
-        let mut buf = BytesMut::new();
-        write::error_response(&mut buf, &err);
-        let _ = tokio::time::timeout(Duration::from_secs(1), cwr.write_all(&buf)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), relay.flush_backend()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), relay.flush_client()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), relay.client.shutdown()).await;
+        relay.info.set_busy(false);
+        relay.gate.notify_quiescent();
     }
 }
 

@@ -4,7 +4,7 @@
 //! here; the relay updates a session's counters with relaxed atomics.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -57,20 +57,21 @@ pub struct BackendLink {
     pub key: CancelKey,
 }
 
-/// What the control plane asks of a session's client→backend pump.
+/// What the control plane asks of a session. The session acts at its next safe
+/// point and answers through the shared [`SessionInfo`] (its quiescence) or the
+/// cutover's tally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    /// End the open transaction on the backend (ROLLBACK, answered by the proxy) and
-    /// keep the client's view of a failed transaction until it rolls back; with
-    /// `error_pending`, the client's next request gets the 40001 error.
-    EndTransaction { error_pending: bool },
+    /// A pause's drain deadline passed: cancel what runs, end the open transaction
+    /// (the client gets one 40001 and keeps its connection).
+    CancelForPause,
     /// The proxy is shutting down: end the session at its next idle point.
     Shutdown,
     /// End the session now.
     Kill,
-    /// Move to the active backend now (sent while the session is held).
+    /// Move to the active backend at the next point where nothing is in flight.
     Migrate,
-    /// Copy the session's state onto its prewarmed connection now, ready to move.
+    /// Copy the session's state onto its prewarmed connection, ready to move.
     Prepare,
 }
 
@@ -90,13 +91,6 @@ pub enum Prepared {
     Failed(String),
 }
 
-/// Whether a pause's deadline cancelled this session's work.
-pub const CANCEL_NONE: u8 = 0;
-/// A cancel for a pause was sent: the next 57014 becomes 40001.
-pub const CANCEL_PENDING: u8 = 1;
-/// The 40001 reached the client.
-pub const CANCEL_DELIVERED: u8 = 2;
-
 pub struct SessionInfo {
     pub id: u64,
     /// The key the client got in BackendKeyData.
@@ -107,10 +101,13 @@ pub struct SessionInfo {
     pub client_addr: String,
     pub connected_at: SystemTime,
     backend: Mutex<BackendLink>,
+    /// The transaction status the client last saw.
     tx: AtomicU8,
-    /// Request units sent (a Query, a FunctionCall, an extended batch up to its Sync,
-    /// a lone Sync, or a query the proxy injected) minus ReadyForQuery received.
-    outstanding: AtomicI64,
+    /// Something runs or is open on the backend (published by the session; see
+    /// the gate for the ordering it relies on).
+    busy: AtomicBool,
+    /// A request is being answered (for SHOW SESSIONS).
+    running: AtomicBool,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     /// ReadyForQuery messages seen (queries), and those that left the session idle
@@ -120,12 +117,6 @@ pub struct SessionInfo {
     /// Held at the gate since (for SHOW SESSIONS).
     held_since: Mutex<Option<(Instant, SystemTime)>>,
     control: mpsc::UnboundedSender<Control>,
-    /// CANCEL_NONE / CANCEL_PENDING / CANCEL_DELIVERED.
-    pub(crate) cancel_mark: AtomicU8,
-    /// Set by a shutdown: end at the next idle point.
-    pub(crate) shutting_down: AtomicBool,
-    /// Answers to queries the proxy injected, which the client must not see.
-    pub(crate) swallow: AtomicU32,
     /// What the session logged in with, to log in elsewhere on its behalf.
     pub startup_params: Vec<(String, String)>,
     pub creds: crate::auth::BackendCredentials,
@@ -138,39 +129,37 @@ impl SessionInfo {
         TxState::from_status(self.tx.load(Ordering::Relaxed))
     }
 
-    /// A ReadyForQuery arrived. Returns true when it leaves the session quiescent.
-    pub(crate) fn on_ready(&self, status: u8) -> bool {
+    /// A ReadyForQuery reached the client.
+    pub(crate) fn on_ready(&self, status: u8) {
         self.queries.fetch_add(1, Ordering::Relaxed);
         if status == b'I' {
             self.xacts.fetch_add(1, Ordering::Relaxed);
         }
-        // INVARIANT: the state is stored before the counter drops, so whoever sees
-        // the counter at zero also sees the state that came with it.
-        self.tx.store(status, Ordering::SeqCst);
-        // Saturate: a ReadyForQuery we did not count a request for must not go negative.
-        let prev = self.outstanding.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some((n - 1).max(0))).unwrap_or(0);
-        prev <= 1 && status == b'I'
+        self.tx.store(status, Ordering::Relaxed);
     }
 
-    /// A request unit starts; returns how many were outstanding before it.
-    pub(crate) fn begin_request(&self) -> i64 {
-        self.outstanding.fetch_add(1, Ordering::SeqCst)
+    /// Publishes whether anything runs or is open on the backend.
+    ///
+    /// INVARIANT: sequentially consistent, like the gate's flag: a session marks
+    /// itself busy *before* it looks at the gate, a pause closes the gate *before*
+    /// it reads this, so no request slips through a closing gate unseen.
+    pub(crate) fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::SeqCst);
     }
 
-    /// Takes back a request unit that was counted but not sent (held at the gate).
-    pub(crate) fn unbegin_request(&self) {
-        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+    pub(crate) fn set_running(&self, running: bool) {
+        self.running.store(running, Ordering::Relaxed);
     }
 
-    /// Request units whose ReadyForQuery has not come back yet.
-    pub fn outstanding(&self) -> i64 {
-        self.outstanding.load(Ordering::SeqCst)
+    /// A request is being answered by the backend.
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
     }
 
     /// Nothing running and no transaction open on the backend: the session can be
     /// paused, moved or closed without anyone noticing.
     pub fn quiescent(&self) -> bool {
-        self.outstanding() == 0 && self.tx.load(Ordering::SeqCst) == b'I'
+        !self.busy.load(Ordering::SeqCst)
     }
 
     pub fn held_since(&self) -> Option<SystemTime> {
@@ -291,16 +280,14 @@ impl Registry {
             connected_at: SystemTime::now(),
             backend: Mutex::new(new.backend),
             tx: AtomicU8::new(new.tx_status),
-            outstanding: AtomicI64::new(0),
+            busy: AtomicBool::new(new.tx_status != b'I'),
+            running: AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             queries: AtomicU64::new(0),
             xacts: AtomicU64::new(0),
             held_since: Mutex::new(None),
             control,
-            cancel_mark: AtomicU8::new(CANCEL_NONE),
-            shutting_down: AtomicBool::new(false),
-            swallow: AtomicU32::new(0),
             startup_params: new.startup_params,
             creds: new.creds,
             prewarmed: Mutex::new(None),

@@ -1,107 +1,48 @@
 //! The relay: bytes in, bytes out, between one client and its backend.
 //!
-//! Two pumps run concurrently in the session's task, one per direction, so that a
-//! backend blocked on writing results can never stall a client still sending (the
-//! classic proxy deadlock with pipelined batches). Each pump reads into a reused
-//! buffer, walks whole frames with the scanner, looks only at the few messages the
-//! proxy must understand, and writes what it read in one call.
+//! One [`Relay`] owns both streams and every buffer of a session. A single poll
+//! function moves bytes both ways (so a backend blocked on writing results never
+//! stalls a client still sending: no pipelining deadlock) and returns only at an
+//! event: a request to hold, a point where the session may move, or an end. It keeps
+//! no state of its own between polls, so dropping it in a `select!` loses nothing.
+//! The client side — its stream, buffers and any partial frame — lives across a
+//! backend swap: only `backend` changes.
 //!
-//! The client→backend pump owns the backend's write side: it counts request units,
-//! holds new requests at the pause gate, and carries out control requests. The
-//! backend→client pump owns the client's write side: it tracks the transaction
-//! state, and is the only writer of what the proxy itself tells the client.
+//! Each direction reads into a pooled buffer, walks whole frames with the scanner,
+//! looks only at the few messages the proxy must understand, and copies what it
+//! forwards into the peer's output buffer. What the proxy says itself is appended
+//! there between whole frames, so ordering is never in doubt. Every write to a
+//! stream that can buffer (TLS) is flushed before the relay waits.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::aborted::{cancelled_error, Aborted};
-use super::registry::{Control, SessionInfo, TxState, CANCEL_DELIVERED, CANCEL_NONE, CANCEL_PENDING};
+use super::buffer::{IoBuf, CHUNK};
+use super::ended::{self, Ended};
+use super::pipeline::{Answer, Backend, Frontend, Pipeline};
+use super::registry::{SessionInfo, TxState};
+use crate::backend::BackendTarget;
 use crate::gate::Gate;
+use crate::net::Stream;
 use crate::protocol::frame::{FrameError, Scan, Scanner};
 use crate::protocol::read::parse_fields;
-use crate::protocol::{sqlstate, write};
+use crate::protocol::{sqlstate, write, PgError};
 
-/// Free space guaranteed before each read.
-const READ_CHUNK: usize = 16 * 1024;
-/// Frames the proxy must read whole (error responses, requests in an emulated
-/// failed transaction) are at most this large; larger ones only pass.
+/// Stop reading a side while this much waits to be written to the other.
+const HIGH_WATER: usize = 64 * 1024;
+/// While a request is held, at most this much more of the client is buffered
+/// (enough to see it leave).
+const HOLD_BUFFER: usize = 64 * 1024;
+/// Frames the proxy reads whole to look inside are at most this large; larger ones
+/// only pass.
 const INSPECT_LIMIT: usize = 64 * 1024;
 
-/// A direction's buffer and scanner state. It lives outside the pump futures, so
-/// that dropping a pump (when the other direction ends) loses no read bytes.
-pub struct Pump {
-    buf: BytesMut,
-    scanner: Scanner,
-    /// INVARIANT: true from before a write starts until it completed; if a pump is
-    /// dropped while true, the peer may hold a partial frame and nothing may be
-    /// injected into that stream any more.
-    writing: AtomicBool,
-    /// The frame being passed over is dropped rather than forwarded.
-    dropping: bool,
-    /// The last complete frame forwarded was an ErrorResponse.
-    last_was_error: bool,
-}
-
-impl Pump {
-    pub fn new(limit: u32) -> Pump {
-        Pump {
-            buf: BytesMut::with_capacity(2 * READ_CHUNK),
-            scanner: Scanner::new(limit),
-            writing: AtomicBool::new(false),
-            dropping: false,
-            last_was_error: false,
-        }
-    }
-
-    /// True when the peer this pump writes to has seen only whole frames.
-    pub fn peer_at_boundary(&self) -> bool {
-        !self.writing.load(Ordering::Relaxed) && self.scanner.at_boundary() && !self.dropping
-    }
-
-    pub fn last_was_error(&self) -> bool {
-        self.last_was_error
-    }
-
-    async fn fill<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> std::io::Result<usize> {
-        self.buf.reserve(READ_CHUNK);
-        rd.read_buf(&mut self.buf).await
-    }
-
-    /// Writes `buf[..upto]` and drops it from the buffer.
-    async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W, upto: usize) -> std::io::Result<()> {
-        if upto > 0 {
-            self.write(wr, upto).await?;
-            self.buf.advance(upto);
-        }
-        Ok(())
-    }
-
-    async fn write<W: AsyncWrite + Unpin>(&self, wr: &mut W, upto: usize) -> std::io::Result<()> {
-        self.writing.store(true, Ordering::Relaxed);
-        wr.write_all(&self.buf[..upto]).await?;
-        self.writing.store(false, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Drops the frame at the front of the buffer (`total` bytes, possibly not all
-    /// read yet: the rest is dropped as it arrives).
-    fn drop_frame(&mut self, total: usize) {
-        let consumed = self.scanner.pass(total, self.buf.len());
-        self.buf.advance(consumed);
-        self.dropping = !self.scanner.at_boundary();
-    }
-
-    /// Passes over `n` body bytes at the front of a dropped frame.
-    fn drop_body(&mut self, n: usize) {
-        self.buf.advance(n);
-        self.dropping = !self.scanner.at_boundary();
-    }
-}
-
-/// Why a pump stopped.
+/// Why a session ends.
 #[derive(Debug)]
 pub enum End {
     /// The client sent Terminate (forwarded to the backend).
@@ -113,364 +54,613 @@ pub enum End {
     BackendProtocol(FrameError),
     /// The proxy is shutting down (or was told to end this session).
     Shutdown,
-    /// The session is idle and must move to the active backend.
-    Migrate,
-    /// The session is idle: copy its state onto its prewarmed connection.
-    Prepare,
+    /// The proxy closes the session with this error (it could not move, say).
+    Closed(PgError),
 }
 
-/// The client→backend side's state beyond its buffer.
-pub struct Upstream<'a> {
-    pub info: &'a SessionInfo,
-    pub gate: &'a Gate,
-    pub gate_rx: watch::Receiver<bool>,
-    pub control: mpsc::UnboundedReceiver<Control>,
-    /// What the proxy answers itself goes to the client through the other pump.
-    pub to_client: mpsc::UnboundedSender<Bytes>,
-    /// Extended-protocol messages were sent since the last Sync.
-    open_batch: bool,
-    /// The client believes it is in a failed transaction the proxy ended.
-    aborted: Option<Aborted>,
+/// What the relay stops for.
+#[derive(Debug)]
+pub enum Event {
+    /// A new request arrived while the gate is closed: hold it.
+    Hold,
+    /// Nothing is in flight and a deferred request ([`Want`]) can be carried out.
+    Ready,
+    End(End),
 }
 
-impl<'a> Upstream<'a> {
-    pub fn new(info: &'a SessionInfo, gate: &'a Gate, control: mpsc::UnboundedReceiver<Control>, to_client: mpsc::UnboundedSender<Bytes>) -> Upstream<'a> {
-        Upstream { info, gate, gate_rx: gate.subscribe(), control, to_client, open_batch: false, aborted: None }
+/// A request from the control plane waiting for a point where nothing is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Want {
+    pub prepare: bool,
+    pub migrate: bool,
+    pub shutdown: bool,
+}
+
+impl Want {
+    pub fn any(self) -> bool {
+        self.prepare || self.migrate || self.shutdown
+    }
+}
+
+/// A pause's cancel of the running request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    No,
+    /// Sent to the backend: its 57014 becomes the client's 40001.
+    Sent,
+    /// The client got its 40001.
+    Delivered,
+}
+
+/// One direction's input: what was read and how far its frames were walked.
+pub struct Inbound {
+    pub buf: IoBuf,
+    pub scanner: Scanner,
+    /// The rest of the current frame is dropped rather than forwarded.
+    dropping: bool,
+}
+
+impl Inbound {
+    fn new(limit: u32) -> Inbound {
+        Inbound { buf: IoBuf::default(), scanner: Scanner::new(limit), dropping: false }
     }
 
-    /// Does a frame with this tag start a new request unit? Returns the answer and
-    /// the batch state that follows if it is let through.
-    fn unit(&self, tag: u8) -> (bool, bool) {
-        match tag {
-            b'Q' | b'F' => (true, self.open_batch),
-            b'S' => (!self.open_batch, false),
-            b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => (!self.open_batch, true),
-            _ => (false, self.open_batch),
+    /// Between frames: nothing partial has been passed on.
+    pub fn at_boundary(&self) -> bool {
+        self.scanner.at_boundary()
+    }
+}
+
+/// The backend side: its stream and who it is.
+pub struct BackendSide {
+    pub stream: Stream,
+    pub target: Arc<BackendTarget>,
+    pub key: crate::protocol::startup::CancelKey,
+}
+
+pub struct Relay {
+    pub info: Arc<SessionInfo>,
+    pub gate: Arc<Gate>,
+    pub client: Stream,
+    pub backend: BackendSide,
+    pub from_client: Inbound,
+    pub to_backend: IoBuf,
+    backend_unflushed: bool,
+    pub from_backend: Inbound,
+    pub to_client: IoBuf,
+    client_unflushed: bool,
+    pub pipeline: Pipeline,
+    /// The transaction status the client last saw.
+    pub tx: TxState,
+    pub ended: Ended,
+    /// Answering an extended batch with the 40001 locally: its messages are dropped
+    /// up to its Sync, answered with ReadyForQuery of this status.
+    skip_to_sync: Option<u8>,
+    pub cancel: Cancel,
+    /// Times the proxy re-sent ROLLBACK because its own ended in a transaction.
+    rollback_retries: u8,
+    /// A request is held at the gate.
+    pub holding: bool,
+    pub want: Want,
+    /// The ParameterStatus values the client has seen.
+    pub params: Vec<(String, String)>,
+    /// The last whole frame forwarded to the client was an ErrorResponse.
+    pub last_was_error: bool,
+    busy_published: bool,
+}
+
+fn frame_len(b: &[u8]) -> Option<usize> {
+    let len = u32::from_be_bytes([*b.get(1)?, *b.get(2)?, *b.get(3)?, *b.get(4)?]) as usize;
+    Some(len + 1)
+}
+
+/// Does the client's buffered input hold a Terminate among its whole frame headers?
+fn terminate_ahead(mut b: &[u8]) -> bool {
+    while b.len() >= 5 {
+        if b[0] == b'X' {
+            return true;
+        }
+        match frame_len(b) {
+            Some(n) if n >= 5 && n <= b.len() => b = &b[n..],
+            _ => return false,
+        }
+    }
+    false
+}
+
+fn message(out: &mut IoBuf, tag: u8, body: &[u8]) {
+    let mut b = BytesMut::with_capacity(body.len() + 5);
+    write::frontend_message(&mut b, tag, body);
+    out.extend(&b);
+}
+
+impl Relay {
+    pub fn new(info: Arc<SessionInfo>, gate: Arc<Gate>, client: Stream, backend: BackendSide, limit: u32, tx: u8, params: Vec<(String, String)>) -> Relay {
+        Relay {
+            info,
+            gate,
+            client,
+            backend,
+            from_client: Inbound::new(limit),
+            to_backend: IoBuf::default(),
+            backend_unflushed: false,
+            from_backend: Inbound::new(limit),
+            to_client: IoBuf::default(),
+            client_unflushed: false,
+            pipeline: Pipeline::default(),
+            tx: TxState::from_status(tx),
+            ended: Ended::No,
+            skip_to_sync: None,
+            cancel: Cancel::No,
+            rollback_retries: 0,
+            holding: false,
+            want: Want::default(),
+            params,
+            last_was_error: false,
+            busy_published: tx != b'I',
         }
     }
 
-    /// Carries out a control request. Returns how the session ends, if it does.
-    async fn on_control<W: AsyncWrite + Unpin>(&mut self, c: Control, pump: &Pump, wr: &mut W) -> Option<End> {
-        match c {
-            Control::Kill => Some(End::Shutdown),
-            Control::Migrate | Control::Prepare => {
-                let idle = self.info.quiescent() && pump.scanner.at_boundary() && self.info.swallow.load(Ordering::SeqCst) == 0;
-                idle.then_some(if c == Control::Migrate { End::Migrate } else { End::Prepare })
-            }
-            Control::Shutdown => {
-                self.info.shutting_down.store(true, Ordering::SeqCst);
-                (self.info.quiescent() && pump.scanner.at_boundary()).then_some(End::Shutdown)
-            }
-            Control::EndTransaction { error_pending } => {
-                // Only between requests: with a query running, the backend→client
-                // pump asks again at its ReadyForQuery.
-                if self.info.outstanding() > 0 || !pump.scanner.at_boundary() || self.aborted.is_some() {
-                    return None;
-                }
-                self.info.cancel_mark.store(CANCEL_NONE, Ordering::SeqCst);
-                if self.info.tx_state() == TxState::Idle {
-                    return None;
-                }
-                self.aborted = Some(Aborted::new(error_pending));
-                self.info.swallow.fetch_add(1, Ordering::SeqCst);
-                self.info.begin_request();
-                let mut q = BytesMut::new();
-                write::frontend_message(&mut q, b'Q', b"ROLLBACK\0");
-                if let Err(e) = wr.write_all(&q).await {
-                    return Some(End::BackendGone(Some(e)));
-                }
-                tracing::info!(session = self.info.id, "transaction ended for a pause; the client is told when it next asks");
-                None
-            }
-        }
+    /// The client believes it is outside any transaction and nothing is in flight:
+    /// its next request is a new one, which the gate may hold.
+    pub fn client_idle(&self) -> bool {
+        self.pipeline.is_idle() && self.tx == TxState::Idle && self.ended == Ended::No && self.skip_to_sync.is_none()
     }
 
-    /// Waits at the closed gate; a control request may end the wait.
-    async fn hold<W: AsyncWrite + Unpin>(&mut self, pump: &Pump, wr: &mut W) -> Option<End> {
-        let gate = self.gate;
-        let info = self.info;
-        let mut rx = self.gate_rx.clone();
-        let held = gate.hold(&mut rx, info);
-        tokio::pin!(held);
+    /// Nothing runs and nothing is open on the backend (a block the proxy aborted
+    /// holds nothing, and a batch answered locally involves no backend): a drain
+    /// need not wait for this session.
+    fn quiescent(&self) -> bool {
+        self.pipeline.is_idle() && (self.ended != Ended::No || self.tx == TxState::Idle)
+    }
+
+    /// The backend may be swapped, or asked about the session's state, now: nothing
+    /// owed, no partial frame in either direction towards or from it.
+    pub fn movable(&self) -> bool {
+        self.quiescent() && self.from_client.at_boundary() && self.from_backend.at_boundary() && self.from_backend.buf.is_empty() && self.to_backend.is_empty()
+    }
+
+    /// Publishes quiescence for the gate; wakes a drain that may be waiting.
+    pub fn publish(&mut self) {
+        let busy = !self.quiescent();
+        if busy != self.busy_published {
+            self.busy_published = busy;
+            self.info.set_busy(busy);
+            if !busy {
+                self.gate.notify_quiescent();
+            }
+        }
+        self.info.set_running(self.pipeline.is_running());
+    }
+
+    /// Polls until an event. Cancellation safety: all state lives in `self`; a
+    /// poll that is dropped leaves every byte where it was.
+    pub fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         loop {
-            tokio::select! {
-                biased;
-                Some(c) = self.control.recv() => {
-                    if let Some(end) = self.on_control(c, pump, wr).await {
-                        return Some(end);
-                    }
+            let mut progress = false;
+            match poll_out(&mut self.backend.stream, &mut self.to_backend, &mut self.backend_unflushed, cx) {
+                Poll::Ready(Ok(moved)) => progress |= moved,
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::BackendGone(Some(e)))),
+                Poll::Pending => {}
+            }
+            match poll_out(&mut self.client, &mut self.to_client, &mut self.client_unflushed, cx) {
+                Poll::Ready(Ok(moved)) => progress |= moved,
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::ClientGone(Some(e)))),
+                Poll::Pending => {}
+            }
+            if self.to_client.len() < HIGH_WATER {
+                match poll_in(&mut self.backend.stream, &mut self.from_backend, cx) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Event::End(End::BackendGone(None))),
+                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::BackendGone(Some(e)))),
+                    Poll::Pending => {}
                 }
-                _ = &mut held => return None,
+            }
+            let room = if self.holding { self.from_client.buf.len() < HOLD_BUFFER } else { self.to_backend.len() < HIGH_WATER };
+            if room {
+                match poll_in(&mut self.client, &mut self.from_client, cx) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Event::End(End::ClientGone(None))),
+                    Poll::Ready(Ok(n)) => {
+                        self.info.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::ClientGone(Some(e)))),
+                    Poll::Pending => {}
+                }
+            }
+            let queued = (self.to_client.len(), self.to_backend.len());
+            if let Some(ev) = self.process_backend() {
+                return Poll::Ready(ev);
+            }
+            if let Some(ev) = self.process_client() {
+                return Poll::Ready(ev);
+            }
+            // New output is written on the next turn (or its socket's waker is set).
+            progress |= queued != (self.to_client.len(), self.to_backend.len());
+            self.publish();
+            if self.want.any() && self.movable() && (!self.want.shutdown || self.client_idle()) {
+                return Poll::Ready(Event::Ready);
+            }
+            if !progress {
+                // Every source polled returned Pending (its waker is set), or was
+                // skipped because output waits on a socket whose waker is set.
+                return Poll::Pending;
             }
         }
     }
-}
 
-/// Client → backend.
-pub async fn client_to_backend<R, W>(rd: &mut R, wr: &mut W, pump: &mut Pump, up: &mut Upstream<'_>) -> End
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    loop {
-        if let Some(end) = process_client_bytes(wr, pump, up).await {
-            return end;
-        }
-        tokio::select! {
-            biased;
-            Some(c) = up.control.recv() => {
-                if let Some(end) = up.on_control(c, pump, wr).await {
-                    return end;
-                }
-            }
-            r = pump.fill(rd) => match r {
-                Ok(0) => return End::ClientGone(None),
-                Ok(n) => { up.info.bytes_in.fetch_add(n as u64, Ordering::Relaxed); }
-                Err(e) => return End::ClientGone(Some(e)),
-            },
-        }
-    }
-}
-
-/// Forwards, holds or answers what the client sent, frame by frame.
-async fn process_client_bytes<W: AsyncWrite + Unpin>(wr: &mut W, pump: &mut Pump, up: &mut Upstream<'_>) -> Option<End> {
-    let backend_gone = |e| Some(End::BackendGone(Some(e)));
-    // INVARIANT: buf[..pos] is scanned and owed to the backend; while dropping, pos == 0.
-    let mut pos = 0;
-    loop {
-        let scan = match pump.scanner.scan(&pump.buf[pos..]) {
-            Ok(s) => s,
-            Err(e) => return Some(End::ClientProtocol(e)),
-        };
-        match scan {
-            Scan::Incomplete => break,
-            Scan::Body(n) if pump.dropping => pump.drop_body(n),
-            Scan::Body(n) => pos += n,
-            Scan::Frame { tag, total } => {
-                let avail = pump.buf.len() - pos;
-                if up.aborted.is_some() {
-                    // Answer from the emulated failed transaction; the backend sees nothing.
-                    if total <= INSPECT_LIMIT && avail < total {
-                        break;
-                    }
-                    if let Err(e) = pump.flush(wr, pos).await {
-                        return backend_gone(e);
-                    }
-                    pos = 0;
-                    if tag == b'X' {
-                        return match wr.write_all(&write::TERMINATE).await {
-                            Ok(()) => Some(End::ClientTerminated),
-                            Err(e) => backend_gone(e),
-                        };
-                    }
-                    let body_end = total.min(pump.buf.len());
-                    let reply = up.aborted.as_mut().map(|a| a.on_frame(tag, &pump.buf[5..body_end]));
-                    pump.drop_frame(total);
-                    if let Some(reply) = reply {
-                        if reply.done {
-                            up.aborted = None;
-                        }
-                        if !reply.bytes.is_empty() {
-                            let _ = up.to_client.send(reply.bytes.freeze());
-                        }
-                    }
-                    continue;
-                }
-                let (starts, batch_after) = up.unit(tag);
-                if starts {
-                    let before = up.info.begin_request();
-                    let idle = before == 0 && up.info.tx_state() == TxState::Idle;
-                    if idle && (up.gate.is_closed() || up.info.shutting_down.load(Ordering::SeqCst)) {
-                        up.info.unbegin_request();
-                        if let Err(e) = pump.flush(wr, pos).await {
-                            return backend_gone(e);
-                        }
-                        pos = 0;
-                        if up.info.shutting_down.load(Ordering::SeqCst) {
-                            return Some(End::Shutdown);
-                        }
-                        if let Some(end) = up.hold(pump, wr).await {
-                            return Some(end);
-                        }
-                        // Look at the same frame again: the gate may have closed anew.
-                        continue;
-                    }
-                }
-                up.open_batch = batch_after;
-                pos += pump.scanner.pass(total, avail);
-                if tag == b'X' {
-                    if let Err(e) = pump.flush(wr, pos).await {
-                        return backend_gone(e);
-                    }
-                    return Some(End::ClientTerminated);
-                }
-            }
-        }
-    }
-    match pump.flush(wr, pos).await {
-        Ok(()) => None,
-        Err(e) => backend_gone(e),
-    }
-}
-
-/// Backend → client. Tracks the transaction state, shows the client its minted pid
-/// in NotificationResponse, turns a pause's cancel into 40001, hides the answers to
-/// queries the proxy injected, and writes what the proxy answers itself.
-pub async fn backend_to_client<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    pump: &mut Pump,
-    info: &SessionInfo,
-    gate: &Gate,
-    from_proxy: &mut mpsc::UnboundedReceiver<Bytes>,
-    backend_pid: i32,
-) -> End
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let backend_pid = backend_pid.to_be_bytes();
-    let client_pid = info.key.pid.to_be_bytes();
-    loop {
-        let at_boundary = pump.scanner.at_boundary() && !pump.dropping;
-        tokio::select! {
-            biased;
-            Some(bytes) = from_proxy.recv(), if at_boundary => {
-                if let Err(e) = wr.write_all(&bytes).await {
-                    return End::ClientGone(Some(e));
-                }
-                continue;
-            }
-            r = pump.fill(rd) => match r {
-                Ok(0) => return End::BackendGone(None),
-                Ok(_) => {}
-                Err(e) => return End::BackendGone(Some(e)),
-            },
-        }
-        // INVARIANT: buf[..pos] is scanned and owed to the client; while dropping, pos == 0.
-        let mut pos = 0;
-        let mut sent = 0u64;
+    /// Client → backend: forwards, holds or answers what the client sent.
+    fn process_client(&mut self) -> Option<Event> {
         loop {
-            let avail = pump.buf.len() - pos;
-            let scan = match pump.scanner.scan(&pump.buf[pos..]) {
+            if self.holding {
+                if terminate_ahead(self.from_client.buf.bytes()) {
+                    // The client left while held: its request is dropped, never run.
+                    return Some(Event::End(End::ClientGone(None)));
+                }
+                return None;
+            }
+            let inb = &mut self.from_client;
+            let scan = match inb.scanner.scan(inb.buf.bytes()) {
                 Ok(s) => s,
-                Err(e) => return End::BackendProtocol(e),
+                Err(e) => return Some(Event::End(End::ClientProtocol(e))),
             };
             match scan {
-                Scan::Incomplete => break,
-                Scan::Body(n) if pump.dropping => pump.drop_body(n),
-                Scan::Body(n) => pos += n,
+                Scan::Incomplete => return None,
+                Scan::Body(n) => {
+                    if !inb.dropping {
+                        self.to_backend.extend(&inb.buf.bytes()[..n]);
+                    }
+                    inb.buf.consume(n);
+                    if inb.at_boundary() {
+                        inb.dropping = false;
+                    }
+                }
                 Scan::Frame { tag, total } => {
-                    let swallowing = info.swallow.load(Ordering::SeqCst) > 0 && !matches!(tag, b'A' | b'N' | b'S');
-                    let rewrite = tag == b'E' && info.cancel_mark.load(Ordering::SeqCst) == CANCEL_PENDING && total <= INSPECT_LIMIT;
-                    // How much of this frame must be at hand to look at it.
-                    let need = match tag {
-                        _ if swallowing || rewrite => total.min(INSPECT_LIMIT),
-                        b'Z' => 6,
-                        b'A' => 9,
-                        _ => 0,
-                    };
-                    if avail < need.min(total) {
-                        break;
+                    let msg = Frontend::of(tag);
+                    if msg == Frontend::Terminate {
+                        self.pass_client(total, false);
+                        return Some(Event::End(End::ClientTerminated));
                     }
-                    let frame = &mut pump.buf[pos..];
-                    let mut replacement = None;
-                    match tag {
-                        b'Z' if total >= 6 => {
-                            let status = frame[5];
-                            if info.on_ready(status) {
-                                gate.notify_quiescent();
-                                if info.shutting_down.load(Ordering::SeqCst) {
-                                    info.control(Control::Shutdown);
-                                }
-                            }
-                            let mark = info.cancel_mark.load(Ordering::SeqCst);
-                            if !swallowing && mark != CANCEL_NONE {
-                                if status == b'I' {
-                                    info.cancel_mark.store(CANCEL_NONE, Ordering::SeqCst);
-                                } else {
-                                    // INVARIANT: asked before the client sees this
-                                    // ReadyForQuery, so its next request finds the
-                                    // emulated failed transaction in place.
-                                    info.control(Control::EndTransaction { error_pending: mark == CANCEL_PENDING });
-                                }
-                            }
-                            if swallowing {
-                                info.swallow.fetch_sub(1, Ordering::SeqCst);
-                            }
+                    if let Some(status) = self.skip_to_sync {
+                        self.pass_client(total, true);
+                        if msg == Frontend::Sync {
+                            self.skip_to_sync = None;
+                            self.answer_client(|out| write::ready_for_query(out, status));
+                            self.tx = TxState::from_status(status);
+                            self.info.on_ready(status);
                         }
-                        b'A' if total >= 9 && frame[5..9] == backend_pid => frame[5..9].copy_from_slice(&client_pid),
-                        b'E' if rewrite => {
-                            let fields = parse_fields(&frame[5..total]);
-                            if fields.iter().any(|(c, v)| *c == b'C' && v == sqlstate::QUERY_CANCELED) {
-                                info.cancel_mark.store(CANCEL_DELIVERED, Ordering::SeqCst);
-                                let mut out = BytesMut::new();
-                                write::error_response(&mut out, &cancelled_error());
-                                replacement = Some(out);
-                            }
-                        }
-                        _ => {}
-                    }
-                    if swallowing || replacement.is_some() {
-                        if let Err(e) = pump.flush(wr, pos).await {
-                            return End::ClientGone(Some(e));
-                        }
-                        sent += pos as u64;
-                        pos = 0;
-                        if let Some(out) = replacement {
-                            if let Err(e) = wr.write_all(&out).await {
-                                return End::ClientGone(Some(e));
-                            }
-                            pump.last_was_error = true;
-                        }
-                        pump.drop_frame(total);
                         continue;
                     }
-                    pump.last_was_error = tag == b'E';
-                    pos += pump.scanner.pass(total, avail);
+                    let starts = self.pipeline.is_idle() && !msg.is_copy() && msg != Frontend::Flush;
+                    if starts && self.ended == Ended::No && self.tx == TxState::Idle {
+                        // INVARIANT: busy is published before the gate is read (see
+                        // the gate): either the drain sees this request or it holds.
+                        self.info.set_busy(true);
+                        self.busy_published = true;
+                        if self.gate.is_closed() || self.want.shutdown {
+                            self.publish();
+                            self.holding = true;
+                            return Some(Event::Hold);
+                        }
+                    }
+                    if starts {
+                        match self.ended {
+                            Ended::Owed40001 => {
+                                if !self.from_backend.at_boundary() {
+                                    // The client is being sent part of a frame; answer after it.
+                                    return None;
+                                }
+                                self.pass_client(total, true);
+                                // An implicit transaction (an extended batch outside any
+                                // block) fails and is over; an explicit one stays failed.
+                                let status = if self.tx == TxState::Idle { b'I' } else { b'E' };
+                                self.ended = if status == b'I' { Ended::No } else { Ended::RolledBack };
+                                let extended = matches!(msg, Frontend::Parse | Frontend::Bind | Frontend::Describe | Frontend::Execute | Frontend::Close);
+                                self.answer_client(ended::error_40001);
+                                if extended {
+                                    self.skip_to_sync = Some(status);
+                                } else {
+                                    self.answer_client(|out| write::ready_for_query(out, status));
+                                    self.tx = TxState::from_status(status);
+                                    self.info.on_ready(status);
+                                }
+                                self.last_was_error = true;
+                                continue;
+                            }
+                            Ended::RolledBack => {
+                                message(&mut self.to_backend, b'Q', format!("{}\0", ended::PRELUDE).as_bytes());
+                                self.pipeline.sent(Frontend::Query, true);
+                                self.ended = Ended::Aborted;
+                            }
+                            Ended::No | Ended::Aborted => {}
+                        }
+                    }
+                    self.pipeline.sent(msg, false);
+                    self.pass_client(total, false);
                 }
             }
         }
-        if let Err(e) = pump.flush(wr, pos).await {
-            return End::ClientGone(Some(e));
+    }
+
+    /// Passes the client frame at the front on to the backend, or drops it.
+    fn pass_client(&mut self, total: usize, drop: bool) {
+        let inb = &mut self.from_client;
+        let n = inb.scanner.pass(total, inb.buf.len());
+        if !drop {
+            self.to_backend.extend(&inb.buf.bytes()[..n]);
         }
-        info.bytes_out.fetch_add(sent + pos as u64, Ordering::Relaxed);
+        inb.buf.consume(n);
+        inb.dropping = drop && !inb.at_boundary();
+    }
+
+    /// Appends what the proxy answers itself (between whole frames).
+    fn answer_client(&mut self, f: impl FnOnce(&mut BytesMut)) {
+        let mut out = BytesMut::new();
+        f(&mut out);
+        self.to_client.extend(&out);
+    }
+
+    /// Backend → client: tracks what is owed, rewrites what the client must see
+    /// differently, swallows the answers to the proxy's own requests.
+    fn process_backend(&mut self) -> Option<Event> {
+        loop {
+            let inb = &mut self.from_backend;
+            let scan = match inb.scanner.scan(inb.buf.bytes()) {
+                Ok(s) => s,
+                Err(e) => return Some(Event::End(End::BackendProtocol(e))),
+            };
+            match scan {
+                Scan::Incomplete => return None,
+                Scan::Body(n) => {
+                    if !inb.dropping {
+                        self.to_client.extend(&inb.buf.bytes()[..n]);
+                        self.info.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    inb.buf.consume(n);
+                    if inb.at_boundary() {
+                        inb.dropping = false;
+                    }
+                }
+                Scan::Frame { tag, total } => {
+                    let msg = Backend::of(tag);
+                    let inspect = match msg {
+                        Backend::ReadyForQuery => 6,
+                        Backend::Notification => 9,
+                        Backend::ParameterStatus | Backend::ErrorResponse if total <= INSPECT_LIMIT => total,
+                        _ => 5,
+                    };
+                    if inb.buf.len() < inspect.min(total) {
+                        return None;
+                    }
+                    if msg == Backend::ReadyForQuery {
+                        self.on_ready(total);
+                        continue;
+                    }
+                    let answer = if msg.is_asynchronous() { self.pipeline.current() } else { self.pipeline.received(msg) };
+                    match msg {
+                        Backend::Notification => {
+                            let own = self.backend.key.pid.to_be_bytes();
+                            let frame = self.from_backend.buf.bytes_mut();
+                            if total >= 9 && frame[5..9] == own {
+                                frame[5..9].copy_from_slice(&self.info.key.pid.to_be_bytes());
+                            }
+                            self.pass_backend(total, false);
+                        }
+                        Backend::ParameterStatus => {
+                            if total <= INSPECT_LIMIT {
+                                let fields = split_cstrings(&self.from_backend.buf.bytes()[5..total]);
+                                if let [name, value, ..] = fields.as_slice() {
+                                    set_param(&mut self.params, name, value);
+                                }
+                            }
+                            self.pass_backend(total, false);
+                        }
+                        _ if answer == Answer::Ours => self.pass_backend(total, true),
+                        Backend::ErrorResponse if self.cancel == Cancel::Sent && total <= INSPECT_LIMIT => {
+                            let fields = parse_fields(&self.from_backend.buf.bytes()[5..total]);
+                            if fields.iter().any(|(c, v)| *c == b'C' && v == sqlstate::QUERY_CANCELED) {
+                                self.cancel = Cancel::Delivered;
+                                self.pass_backend(total, true);
+                                self.answer_client(ended::error_40001);
+                            } else {
+                                self.pass_backend(total, false);
+                            }
+                            self.last_was_error = true;
+                        }
+                        _ => {
+                            self.last_was_error = msg == Backend::ErrorResponse;
+                            self.pass_backend(total, false);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Passes the backend frame at the front on to the client, or drops it.
+    fn pass_backend(&mut self, total: usize, drop: bool) {
+        let inb = &mut self.from_backend;
+        let n = inb.scanner.pass(total, inb.buf.len());
+        if !drop {
+            self.to_client.extend(&inb.buf.bytes()[..n]);
+            self.info.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        inb.buf.consume(n);
+        inb.dropping = drop && !inb.at_boundary();
+    }
+
+    fn on_ready(&mut self, total: usize) {
+        let status = self.from_backend.buf.bytes()[5];
+        let ready = self.pipeline.ready();
+        match ready.answer {
+            Answer::Ours => {
+                self.pass_backend(total, true);
+                // The proxy's ROLLBACK must leave the backend idle (a cancel racing
+                // it could abort it instead): try again, a few times.
+                if ready.drained && status != b'I' && self.ended != Ended::Aborted && self.rollback_retries < 3 {
+                    self.rollback_retries += 1;
+                    self.end_transaction();
+                } else if ready.drained {
+                    self.rollback_retries = 0;
+                }
+            }
+            Answer::Client => {
+                self.pass_backend(total, false);
+                self.last_was_error = false;
+                self.tx = TxState::from_status(status);
+                self.info.on_ready(status);
+                if status == b'I' {
+                    self.ended = Ended::No;
+                }
+                if ready.drained && self.cancel != Cancel::No {
+                    if status != b'I' {
+                        let told = self.cancel == Cancel::Delivered || status == b'E';
+                        self.end_transaction();
+                        self.ended = if told { Ended::RolledBack } else { Ended::Owed40001 };
+                    }
+                    self.cancel = Cancel::No;
+                }
+            }
+        }
+    }
+
+    /// Ends the backend's transaction with the proxy's own (swallowed) requests.
+    /// Only between requests, and only with no partial client frame sent on.
+    fn end_transaction(&mut self) {
+        for (tag, body) in ended::end_transaction(self.pipeline.batch_open()) {
+            message(&mut self.to_backend, tag, &body);
+            self.pipeline.sent(Frontend::of(tag), true);
+        }
+    }
+
+    /// The drain's deadline passed: cancel what runs, end what is open.
+    pub fn cancel_for_pause(&mut self) -> Option<crate::protocol::startup::CancelKey> {
+        if self.pipeline.is_running() && !self.pipeline.ours_pending() {
+            self.cancel = Cancel::Sent;
+            return Some(self.backend.key);
+        }
+        if self.pipeline.is_running() || !self.from_client.at_boundary() {
+            // The proxy's own requests are running, or a request is on its way:
+            // look again at its ReadyForQuery.
+            self.cancel = Cancel::Sent;
+            return None;
+        }
+        match (self.ended, self.tx) {
+            (Ended::No, TxState::Idle) if !self.pipeline.batch_open() => {}
+            (Ended::No, tx) => {
+                self.end_transaction();
+                self.ended = if tx == TxState::Failed { Ended::RolledBack } else { Ended::Owed40001 };
+                tracing::info!(session = self.info.id, "transaction ended for a pause; the client is told when it next asks");
+            }
+            // Already ended by the proxy: nothing is open on the backend.
+            _ => {}
+        }
+        None
+    }
+
+    /// Writes out everything queued for the client, flushing a buffered stream.
+    pub async fn flush_client(&mut self) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| match poll_out(&mut self.client, &mut self.to_client, &mut self.client_unflushed, cx)? {
+            Poll::Ready(_) if self.to_client.is_empty() && !self.client_unflushed => Poll::Ready(Ok(())),
+            Poll::Ready(_) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        })
+        .await
+    }
+
+    /// Writes out everything queued for the backend, flushing a buffered stream.
+    pub async fn flush_backend(&mut self) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| match poll_out(&mut self.backend.stream, &mut self.to_backend, &mut self.backend_unflushed, cx)? {
+            Poll::Ready(_) if self.to_backend.is_empty() && !self.backend_unflushed => Poll::Ready(Ok(())),
+            Poll::Ready(_) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        })
+        .await
+    }
+
+    /// The session's state as the control plane sees it, for logs.
+    pub fn describe(&self) -> &'static str {
+        if self.pipeline.is_running() {
+            "running"
+        } else {
+            self.tx.as_str()
+        }
+    }
+
+    /// Whether both input sides hold no memory (an idle session).
+    pub fn holds_no_buffers(&self) -> bool {
+        !self.from_client.buf.holds_memory() && !self.from_backend.buf.holds_memory() && !self.to_client.holds_memory() && !self.to_backend.holds_memory()
+    }
+
+}
+
+/// Writes what is queued in `out` to `s` (and flushes a buffered stream once it is
+/// all written). Ready(true) if anything moved; Pending when the socket is full.
+fn poll_out(s: &mut Stream, out: &mut IoBuf, unflushed: &mut bool, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
+    let mut moved = false;
+    while !out.is_empty() {
+        match Pin::new(&mut *s).poll_write(cx, out.bytes()) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                out.consume(n);
+                moved = true;
+                *unflushed = s.is_tls();
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return if moved { Poll::Ready(Ok(true)) } else { Poll::Pending },
+        }
+    }
+    out.release();
+    if *unflushed {
+        match Pin::new(&mut *s).poll_flush(cx) {
+            Poll::Ready(Ok(())) => *unflushed = false,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return if moved { Poll::Ready(Ok(true)) } else { Poll::Pending },
+        }
+    }
+    Poll::Ready(Ok(moved))
+}
+
+/// Reads what `s` has into `inb`. Ready(n) with n bytes read (0: end of stream).
+fn poll_in(s: &mut Stream, inb: &mut Inbound, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+    let spare = inb.buf.spare(CHUNK);
+    let mut rb = ReadBuf::new(spare);
+    match Pin::new(&mut *s).poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) => {
+            let n = rb.filled().len();
+            inb.buf.filled(n);
+            Poll::Ready(Ok(n))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => {
+            inb.buf.release();
+            Poll::Pending
+        }
     }
 }
 
-/// A session to run the pumps with, for the fuzz targets: registered, with a backend
-/// that is never connected.
-pub mod fuzzing {
-    use std::sync::Arc;
+fn split_cstrings(b: &[u8]) -> Vec<String> {
+    b.split(|c| *c == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+}
 
-    use crate::backend::BackendTarget;
-    use crate::config::BackendConfig;
-    use crate::protocol::startup::CancelKey;
-    use crate::session::registry::{BackendLink, Control, NewSession, Registry, SessionGuard};
+pub fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match params.iter_mut().find(|(k, _)| k == name) {
+        Some((_, v)) => *v = value.to_owned(),
+        None => params.push((name.to_owned(), value.to_owned())),
+    }
+}
 
-    pub fn session() -> (SessionGuard, tokio::sync::mpsc::UnboundedReceiver<Control>) {
-        let config = BackendConfig {
-            host: "127.0.0.1".into(),
-            port: 1,
-            tls: crate::config::BackendTlsMode::Disable,
-            tls_ca: None,
-            connect_timeout: std::time::Duration::from_secs(1),
-            admin_user: "postgres".into(),
-            admin_password: None,
-        };
-        let target = match BackendTarget::new("fuzz", &config) {
-            Ok(t) => Arc::new(t),
-            Err(e) => panic!("a backend without TLS cannot fail to build: {e}"),
-        };
-        Arc::new(Registry::default()).register(NewSession {
-            user: "fuzz".into(),
-            database: "fuzz".into(),
-            application_name: String::new(),
-            client_addr: "fuzz".into(),
-            backend: BackendLink { target, key: CancelKey { pid: 1234, secret: 1 } },
-            tx_status: b'I',
-            startup_params: Vec::new(),
-            creds: Default::default(),
-        })
+/// Appends an error for the client, unless it holds part of a frame.
+pub fn tell_client(relay: &mut Relay, err: &PgError) {
+    if relay.from_backend.at_boundary() {
+        let mut b = BytesMut::new();
+        write::error_response(&mut b, err);
+        relay.to_client.extend(&b);
     }
 }
