@@ -10,6 +10,17 @@ mod common;
 
 use common::{env_or, run_pgbench, PgBouncer, Run};
 
+/// CPU time (user, system) a process has used, from /proc, in microseconds.
+fn cpu_us(pid: Option<u32>) -> (u64, u64) {
+    let path = pid.map_or("/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 14th field.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    let tick = 1_000_000 / 100; // USER_HZ is 100 on Linux
+    (f.get(11).copied().unwrap_or(0) * tick, f.get(12).copied().unwrap_or(0) * tick)
+}
+
 fn main() -> anyhow::Result<()> {
     let seconds: u64 = env_or("BENCH_SECONDS", 10);
     let rounds: usize = env_or("BENCH_ROUNDS", 2);
@@ -24,9 +35,10 @@ fn main() -> anyhow::Result<()> {
     if bouncer.is_none() {
         println!("PgBouncer is not installed (apt-get install pgbouncer): its column stays empty");
     }
-    let mut targets: Vec<(&str, u16)> = vec![("direct", cluster.port), ("pgcutover", proxy_port)];
+    // Whose CPU a run costs: the proxy's process (pgcutover runs in this one).
+    let mut targets: Vec<(&str, u16, Option<Option<u32>>)> = vec![("direct", cluster.port, None), ("pgcutover", proxy_port, Some(None))];
     if let Some(b) = &bouncer {
-        targets.push(("pgbouncer", b.port));
+        targets.push(("pgbouncer", b.port, Some(Some(b.pid()?))));
     }
     println!(
         "pgbench: {clients} clients, {seconds}s per run, {rounds} rounds, -M {mode}, scale {scale}, {} cores",
@@ -42,26 +54,38 @@ fn main() -> anyhow::Result<()> {
             let mut order: Vec<usize> = (0..targets.len()).collect();
             order.rotate_left(round % targets.len());
             for i in order {
-                let (name, port) = targets[i];
+                let (name, port, cpu_of) = targets[i];
                 let secs = seconds.to_string();
                 let jobs = clients.min(2).to_string();
                 let c = clients.to_string();
                 let mut args = vec!["-n", "-M", mode.as_str(), "-c", &c, "-j", &jobs, "-T", &secs];
                 args.extend(extra.iter().copied());
-                let run = run_pgbench(port, "bench", &args)?;
-                eprintln!("  {workload:11} round {round} {name:9} {:>9.0} tps {:>7.3} ms failed {}", run.tps, run.latency_ms, run.failed);
+                let before = cpu_of.map(cpu_us);
+                let mut run = run_pgbench(port, "bench", &args)?;
+                if let (Some(pid), Some((u0, s0))) = (cpu_of, before) {
+                    let (u1, s1) = cpu_us(pid);
+                    let xacts = (run.tps * seconds as f64).max(1.0);
+                    run.cpu_us = Some(((u1 - u0) as f64 / xacts, (s1 - s0) as f64 / xacts));
+                }
+                eprintln!("  {workload:11} round {round} {name:9} {:>9.0} tps {:>7.3} ms failed {} cpu/xact {:?}", run.tps, run.latency_ms, run.failed, run.cpu_us);
                 results[i].push(run);
             }
         }
-        let mean = |runs: &[Run]| -> (f64, f64) {
+        let mean = |runs: &[Run]| -> (f64, f64, f64, f64) {
             let n = runs.len().max(1) as f64;
-            (runs.iter().map(|r| r.tps).sum::<f64>() / n, runs.iter().map(|r| r.latency_ms).sum::<f64>() / n)
+            let cpu = |f: fn(&(f64, f64)) -> f64| runs.iter().filter_map(|r| r.cpu_us.as_ref().map(f)).sum::<f64>() / n;
+            (runs.iter().map(|r| r.tps).sum::<f64>() / n, runs.iter().map(|r| r.latency_ms).sum::<f64>() / n, cpu(|c| c.0), cpu(|c| c.1))
         };
         println!("\n{workload}:");
-        println!("  {:10} {:>10} {:>12}", "target", "tps", "latency ms");
-        let means: Vec<(f64, f64)> = results.iter().map(|r| mean(r)).collect();
-        for ((name, _), (tps, lat)) in targets.iter().zip(&means) {
-            println!("  {name:10} {tps:>10.0} {lat:>12.3}");
+        println!("  {:10} {:>10} {:>12} {:>14} {:>14}", "target", "tps", "latency ms", "proxy user us", "proxy sys us");
+        let means: Vec<(f64, f64, f64, f64)> = results.iter().map(|r| mean(r)).collect();
+        for ((name, _, cpu_of), (tps, lat, user, sys)) in targets.iter().zip(&means) {
+            let (user, sys) = if cpu_of.is_some() { (format!("{user:.2}"), format!("{sys:.2}")) } else { ("-".into(), "-".into()) };
+            println!("  {name:10} {tps:>10.0} {lat:>12.3} {user:>14} {sys:>14}");
+        }
+        if means.len() > 2 {
+            let cpu = |m: &(f64, f64, f64, f64)| m.2 + m.3;
+            println!("  cpu per xact pgcutover/pgbouncer = {:.2}", cpu(&means[1]) / cpu(&means[2]).max(0.001));
         }
         let proxy = means[1].0;
         println!("  pgcutover/direct    = {:.2}", proxy / means[0].0);

@@ -187,6 +187,9 @@ fn assert_same(direct: &[Reply], proxied: &[Reply], what: &str) {
     assert!(direct == proxied, "{what}: replies differ\n--- direct\n{}\n--- through the proxy\n{}", show(direct), show(proxied));
 }
 
+/// The cutover test fences blue (cluster-wide): it runs alone.
+static FENCE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A database owned by `trustuser` on blue, with a table to play with.
 async fn database(name: &str) -> String {
     let f = fixture();
@@ -253,6 +256,7 @@ fn trust_proxy(c: &mut pgcutover::config::Config) {
 
 #[tokio::test]
 async fn every_corner_gets_the_replies_postgresql_gives() {
+    let _fence = FENCE.read().await;
     let f = fixture();
     let db = database("conf_corners").await;
     let proxy = f.proxy(trust_proxy).await;
@@ -270,6 +274,7 @@ async fn every_corner_gets_the_replies_postgresql_gives() {
 /// a request held whole and then run gives the same replies.
 #[tokio::test]
 async fn every_corner_held_at_a_closed_gate_gets_the_same_replies() {
+    let _fence = FENCE.read().await;
     let f = fixture();
     let db = database("conf_held").await;
     let proxy = f.proxy(trust_proxy).await;
@@ -303,6 +308,7 @@ async fn every_corner_held_at_a_closed_gate_gets_the_same_replies() {
 /// protocol or a lone Flush, and the gate holds that session's next request.
 #[tokio::test]
 async fn after_extended_copy_or_a_lone_flush_a_pause_waits_for_nobody_and_holds_the_next_request() {
+    let _fence = FENCE.read().await;
     let f = fixture();
     let db = database("conf_copy_pause").await;
     let proxy = f.proxy(trust_proxy).await;
@@ -333,6 +339,7 @@ async fn after_extended_copy_or_a_lone_flush_a_pause_waits_for_nobody_and_holds_
 /// one 40001 first, then exactly what PostgreSQL answers in a failed transaction.
 #[tokio::test]
 async fn a_transaction_ended_at_the_deadline_answers_every_message_as_a_failed_one() {
+    let _fence = FENCE.read().await;
     let f = fixture();
     let db = database("conf_ended").await;
     let proxy = f.proxy(|c| {
@@ -403,6 +410,7 @@ async fn a_transaction_ended_at_the_deadline_answers_every_message_as_a_failed_o
 /// a Sync that never comes).
 #[tokio::test]
 async fn a_function_call_after_an_ended_transaction_is_answered_at_once() {
+    let _fence = FENCE.read().await;
     let f = fixture();
     let db = database("conf_ended_fcall").await;
     let proxy = f.proxy(|c| {
@@ -428,6 +436,7 @@ async fn a_function_call_after_an_ended_transaction_is_answered_at_once() {
 /// A request held at the gate whose client goes away is dropped, never run.
 #[tokio::test]
 async fn a_held_request_whose_client_left_never_runs() {
+    let _fence = FENCE.read().await;
     let f = fixture();
     let db = database("conf_held_gone").await;
     let proxy = f.proxy(trust_proxy).await;
@@ -448,4 +457,73 @@ async fn a_held_request_whose_client_left_never_runs() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let n: i64 = f.blue().connect(&db).await.unwrap().query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
     assert_eq!(n, 0, "a held request ran after its client had left");
+}
+
+/// Blanks the table OIDs in RowDescription (the same table has another OID on
+/// another cluster).
+fn without_table_oids(replies: &[Reply]) -> Vec<Reply> {
+    replies
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|(tag, body)| {
+                    let mut body = body.clone();
+                    if *tag == b'T' && body.len() >= 2 {
+                        let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+                        let mut at = 2;
+                        for _ in 0..n {
+                            let Some(end) = body[at..].iter().position(|b| *b == 0) else { break };
+                            at += end + 1;
+                            if at + 18 > body.len() {
+                                break;
+                            }
+                            body[at..at + 4].copy_from_slice(&[0; 4]);
+                            at += 18;
+                        }
+                    }
+                    (*tag, body)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Half of the script runs on blue, the session moves to green at a cutover, the
+/// other half runs there: the replies are PostgreSQL's all along, and the session's
+/// prepared statements and LISTEN went with it.
+#[tokio::test]
+async fn every_corner_across_a_cutover_gets_the_same_replies() {
+    let _fence = FENCE.write().await;
+    let f = fixture();
+    let db = "conf_cutover";
+    f.pair.replicated_database(db, "trustuser", "CREATE TABLE t (n int, s text); ALTER TABLE t REPLICA IDENTITY FULL").await.unwrap();
+    let proxy = f.proxy(trust_proxy).await;
+    let script = corner_script(db).await;
+    let direct = play(f.blue().port, db, &script).await;
+
+    let mut raw = login(proxy.port(), db).await;
+    let mut proxied = Vec::new();
+    let cut = 5;
+    for (i, s) in script.iter().enumerate() {
+        if i == cut {
+            let rows = proxy.admin("CUTOVER green").await.expect("CUTOVER answers");
+            let get = |k: &str| rows.iter().find(|r| r[0].as_deref() == Some(k)).and_then(|r| r[1].clone()).unwrap_or_default();
+            assert_eq!(get("outcome"), "committed", "{rows:?}");
+            assert_eq!(get("sessions_moved"), "1", "{rows:?}");
+        }
+        raw.send(&s.send).await;
+        proxied.push(read_step(&mut raw, s.until).await);
+    }
+    // Blue back to how the other tests need it, before anything can fail.
+    let admin = f.blue().connect("postgres").await.unwrap();
+    for sql in ["SET default_transaction_read_only = off", "ALTER SYSTEM RESET default_transaction_read_only", "SELECT pg_reload_conf()"] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    for role in ["app", "verifier_user", "md5user", "pwuser", "trustuser", "limited"] {
+        admin.batch_execute(&format!("ALTER ROLE {role} LOGIN")).await.unwrap();
+    }
+    raw.query("SELECT inet_server_port()").await;
+    let reply = raw.until_ready().await;
+    assert!(reply.iter().any(|m| m.tag == b'D' && m.body.ends_with(f.green().port.to_string().as_bytes())), "the session ran on green");
+    assert_same(&without_table_oids(&direct), &without_table_oids(&proxied), "across a cutover");
 }

@@ -101,3 +101,36 @@ async fn sigterm_lets_an_open_transaction_commit_then_exits_zero() {
     let n: i64 = f.blue().connect(&db).await.unwrap().query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
     assert_eq!(n, 2);
 }
+
+/// With clients that open a connection per transaction (`pgbench -C`), the
+/// proxy's own backend connections — logging in, serving, logging out — never
+/// count as sessions that bypass the proxy.
+#[tokio::test]
+async fn connection_churn_is_never_taken_for_sessions_bypassing_the_proxy() {
+    let f = common::fixture();
+    let db = "console_churn";
+    f.pair.replicated_database(db, "app", "CREATE TABLE t (id bigserial PRIMARY KEY, n int)").await.unwrap();
+    let proxy = f.proxy(|c| c.cutover.databases = vec![db.to_string()]).await;
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), "INSERT INTO t (n) VALUES (1);\n").unwrap();
+    let url = format!("host=127.0.0.1 port={} user=app dbname={db}", proxy.port());
+    let load = tokio::process::Command::new(common::pg_program("pgbench"))
+        .args(["-n", "-C", "-c", "8", "-j", "2", "-t", "60", "-f"])
+        .arg(script.path())
+        .arg(&url)
+        .env("PGPASSWORD", common::PASSWORD)
+        .output();
+    let checks = async {
+        let mut seen = Vec::new();
+        for _ in 0..15 {
+            let rows = proxy.admin("CHECK").await.expect("CHECK answers");
+            seen.extend(rows.into_iter().filter(|r| r[0].as_deref().is_some_and(|c| c.contains("bypassing")) && r[1].as_deref() != Some("ok")));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        seen
+    };
+    let (out, bypass) = tokio::join!(load, checks);
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(bypass.is_empty(), "the proxy's own connections were taken for bypassing sessions: {bypass:?}");
+}

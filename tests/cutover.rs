@@ -221,7 +221,9 @@ async fn a_long_transaction_past_drain_timeout_gets_one_40001_with_cancel_and_go
         (long, r)
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let report = cutover(&proxy, "green").await;
+    // FORCE: preflight warns of the long transaction (how long depends on the
+    // machine's speed); the cancel at the deadline is what is tested.
+    let report = cutover(&proxy, "green FORCE").await;
     assert_eq!(report["outcome"], "committed", "{report:#?}");
     assert_eq!(report["sessions_cancelled"], "1");
     let (long, r) = sleeper.await.unwrap();
@@ -476,4 +478,49 @@ async fn a_second_cutover_request_while_one_runs_is_refused() {
     assert!(outcomes.contains(&"committed"), "{a:#?} {b:#?}");
     let refused = if a["outcome"] == "refused" { &a } else { &b };
     assert!(refused["reason"].contains("already running") || refused["reason"].contains("already the active"), "{refused:#?}");
+}
+
+/// A client that reads slowly while notifications pile up moves without losing or
+/// repeating a byte, and learns the new server's differing ParameterStatus.
+#[tokio::test]
+async fn a_slow_reader_flooded_with_notifications_moves_without_losing_a_byte() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "co_slow_reader";
+    replicated(f, db, "CREATE TABLE items (id bigserial PRIMARY KEY)").await;
+    // New sessions on green see another IntervalStyle: the client must be told.
+    f.green().execute("postgres", &format!("ALTER DATABASE {db} SET IntervalStyle = 'iso_8601'")).await.unwrap();
+    let proxy = f.proxy(|c| c.auth.method = pgcutover::config::AuthMethod::Trust).await;
+    let mut raw = common::Raw::connect(proxy.port()).await;
+    raw.startup(&[("user", "app"), ("database", db)]).await;
+    let hello = raw.until_ready().await;
+    let pid = i32::from_be_bytes(hello.iter().find(|m| m.tag == b'K').unwrap().body[..4].try_into().unwrap());
+    raw.query("LISTEN flood").await;
+    raw.until_ready().await;
+
+    let payload = "p".repeat(7000);
+    let blue = f.blue().connect(db).await.unwrap();
+    for i in 0..300 {
+        blue.batch_execute(&format!("NOTIFY flood, '{i:04}{payload}'")).await.unwrap();
+    }
+    // The client reads nothing while the cutover runs.
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    assert_eq!(report["sessions_moved"], "1", "{report:#?}");
+
+    for i in 0..300 {
+        let m = raw.recv().await.unwrap_or_else(|| panic!("notification {i} lost"));
+        assert_eq!(m.tag, b'A', "notification {i}: stream out of step");
+        assert_ne!(i32::from_be_bytes(m.body[..4].try_into().unwrap()), pid, "another session's notification");
+        let expected = format!("flood\0{i:04}{payload}\0");
+        assert!(m.body[4..] == *expected.as_bytes(), "notification {i} corrupted");
+    }
+    let m = raw.recv().await.expect("ParameterStatus after the move");
+    assert_eq!(m.tag, b'S');
+    assert_eq!(&m.body[..], b"IntervalStyle\0iso_8601\0");
+    raw.query("SELECT inet_server_port()").await;
+    let reply = raw.until_ready().await;
+    let port = reply.iter().find(|m| m.tag == b'D').expect("a row");
+    assert!(port.body.ends_with(f.green().port.to_string().as_bytes()), "runs on green");
+    f.green().execute("postgres", &format!("ALTER DATABASE {db} RESET IntervalStyle")).await.unwrap();
 }

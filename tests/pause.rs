@@ -253,3 +253,90 @@ async fn extended_batches_and_copy_are_held_whole_and_run_in_order() {
     let ns: Vec<i32> = f.blue().connect(&db).await.unwrap().query("SELECT n FROM log ORDER BY at", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(ns, vec![1, 2, 3, 4, 5]);
 }
+
+/// The reproduction: a transaction ended at the drain deadline, then a
+/// reused prepared statement, a simple statement and COMMIT. Nothing may succeed
+/// that did not happen, and nothing may be committed.
+#[tokio::test]
+async fn a_reused_prepared_statement_after_the_deadline_gets_the_40001_and_nothing_commits() {
+    let f = fixture();
+    let db = f.database("pause_prepared_reuse").await;
+    let proxy = f.proxy(|c| c.cutover.on_drain_timeout = OnDrainTimeout::Cancel).await;
+    let c = proxy.connect(&db).await;
+    c.batch_execute("CREATE TABLE t (n int)").await.unwrap();
+    let insert = c.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute(&insert, &[&1i32]).await.unwrap();
+    let rows = proxy.admin("PAUSE 200ms").await.expect("the deadline ends the idle transaction");
+    assert_eq!(rows[0][3].as_deref(), Some("1"), "{rows:?}");
+    proxy.admin("RESUME").await.unwrap();
+
+    let e = c.execute(&insert, &[&2i32]).await.expect_err("the reused prepared statement must not succeed");
+    assert_eq!(sqlstate(&e), "40001", "{e}");
+    let e = c.batch_execute("INSERT INTO t VALUES (3)").await.expect_err("inside the failed transaction");
+    assert_eq!(sqlstate(&e), "25P02");
+    let e = c.execute(&insert, &[&4i32]).await.expect_err("inside the failed transaction");
+    assert_eq!(sqlstate(&e), "25P02");
+    let done = c.simple_query("COMMIT").await.unwrap();
+    assert!(done.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(_))));
+    assert_eq!(count(f, &db, "SELECT count(*) FROM t").await, 0, "a row of the ended transaction was committed");
+    // The session goes on normally.
+    c.execute(&insert, &[&5i32]).await.unwrap();
+    assert_eq!(count(f, &db, "SELECT count(*) FROM t").await, 1);
+}
+
+/// tokio-postgres's copy_in sends two Syncs and gets one ReadyForQuery: afterwards
+/// the session is idle, a pause waits for nobody and holds its next query.
+#[tokio::test]
+async fn after_copy_in_through_the_extended_protocol_a_pause_drains_at_once_and_holds() {
+    let f = fixture();
+    let db = f.database("pause_copy_in").await;
+    let proxy = f.proxy(|_| {}).await;
+    let c = std::sync::Arc::new(proxy.connect(&db).await);
+    c.batch_execute("CREATE TABLE t (n int)").await.unwrap();
+    {
+        use futures::SinkExt;
+        let sink = c.copy_in("COPY t FROM STDIN").await.unwrap();
+        futures::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"1\n2\n")).await.unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 2);
+    }
+    let started = Instant::now();
+    let rows = proxy.admin("PAUSE 300ms").await.expect("no session in flight");
+    assert_eq!(rows[0][2].as_deref(), Some("0"), "{rows:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let c2 = c.clone();
+    let q = tokio::spawn(async move { c2.execute("INSERT INTO t VALUES (3)", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!q.is_finished(), "the query went through the closed gate");
+    assert_eq!(count(f, &db, "SELECT count(*) FROM t").await, 2);
+    proxy.admin("RESUME").await.unwrap();
+    q.await.unwrap().unwrap();
+    assert_eq!(count(f, &db, "SELECT count(*) FROM t").await, 3);
+}
+
+/// psql killed while its INSERT is held: after RESUME the INSERT must not run (an
+/// application that retried elsewhere would write twice).
+#[tokio::test]
+async fn a_held_insert_of_a_killed_psql_never_runs() {
+    let f = fixture();
+    let db = f.database("pause_psql_killed").await;
+    let proxy = f.proxy(|_| {}).await;
+    proxy.connect(&db).await.batch_execute("CREATE TABLE t (n int)").await.unwrap();
+    proxy.admin("PAUSE").await.unwrap();
+    let conninfo = format!("host=127.0.0.1 port={} user=app password={} dbname={db}", proxy.port(), common::PASSWORD);
+    let mut psql = tokio::process::Command::new(common::pg_program("psql"))
+        .args(["-X", &conninfo, "-c", "INSERT INTO t VALUES (1)"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let p = proxy.proxy().clone();
+    assert!(common::eventually(10, || async { p.gate().held_now() == 1 }).await, "psql's INSERT is held");
+    psql.kill().await.unwrap();
+    assert!(common::eventually(10, || async { p.sessions.is_empty() }).await, "the held session ended with its client");
+    proxy.admin("RESUME").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(f, &db, "SELECT count(*) FROM t").await, 0, "the INSERT of a client that had left ran");
+}

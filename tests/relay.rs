@@ -182,3 +182,71 @@ async fn the_fixture_replicates_blue_to_green() {
     .await;
     assert!(seen, "the row did not replicate to green");
 }
+
+/// A TLS client that stops reading while a large result arrives still gets all of
+/// it, ReadyForQuery included: writes to a TLS stream are flushed (tokio-rustls may
+/// take the plaintext and keep ciphertext buffered behind a full socket).
+#[tokio::test]
+async fn a_slow_tls_reader_gets_the_whole_response_to_its_ready_for_query() {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture();
+    let db = f.database("relay_tls_slow").await;
+    let proxy = f
+        .proxy(|c| {
+            c.auth.method = AuthMethod::Trust;
+            c.proxy.tls_cert = Some(f.certs.cert_path());
+            c.proxy.tls_key = Some(f.certs.key_path());
+            c.proxy.tls_mode = pgcutover::config::ClientTlsMode::Require;
+        })
+        .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut f.certs.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port())).await.unwrap();
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+    assert_eq!(tcp.read_u8().await.unwrap(), b'S');
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    tls.write_all(&pgcutover::protocol::startup::encode_startup(&[("user".into(), "app".into()), ("database".into(), db.clone())])).await.unwrap();
+    let mut buf = Vec::new();
+    // Reads messages until `readies` ReadyForQuery have come; returns the bytes seen.
+    async fn until_ready<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>, mut readies: usize) -> usize {
+        let mut seen = 0;
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            while buf.len() >= 5 {
+                let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
+                if buf.len() < len {
+                    break;
+                }
+                if buf[0] == b'Z' {
+                    readies -= 1;
+                }
+                seen += len;
+                buf.drain(..len);
+                if readies == 0 {
+                    return seen;
+                }
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+    until_ready(&mut tls, &mut buf, 1).await;
+    let mut q = b"Q\0\0\0\0SELECT repeat('x', 1000) FROM generate_series(1, 30000)\0".to_vec();
+    let len = (q.len() - 1) as u32;
+    q[1..5].copy_from_slice(&len.to_be_bytes());
+    tls.write_all(&q).await.unwrap();
+    // Read nothing while the proxy fills the socket.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen = tokio::time::timeout(Duration::from_secs(20), until_ready(&mut tls, &mut buf, 1)).await.expect("the tail of the response never came");
+    assert!(seen > 30_000 * 1000);
+}

@@ -24,6 +24,8 @@ pub struct Run {
     pub tps: f64,
     pub latency_ms: f64,
     pub failed: u64,
+    /// The proxy's CPU per transaction (user, system), in microseconds.
+    pub cpu_us: Option<(f64, f64)>,
 }
 
 /// Runs pgbench against `port` and parses its summary.
@@ -41,6 +43,7 @@ pub fn run_pgbench(port: u16, db: &str, args: &[&str]) -> anyhow::Result<Run> {
         tps: field("tps = ").unwrap_or(0.0),
         latency_ms: field("latency average = ").unwrap_or(0.0),
         failed: field("number of failed transactions: ").unwrap_or(0.0) as u64,
+        cpu_us: None,
     })
 }
 
@@ -79,7 +82,7 @@ impl PgBouncer {
         let dir = tempfile::Builder::new().prefix("pgcutover-pgbouncer-").tempdir()?.keep();
         let port = free_port()?;
         let ini = format!(
-            "[databases]\n{databases}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir = {dir}\nauth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = {pool_mode}\nmax_client_conn = 1000\ndefault_pool_size = 100\nlogfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\nadmin_users = app\nignore_startup_parameters = extra_float_digits,options\n",
+            "[databases]\n{databases}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir = {dir}\nauth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = {pool_mode}\nmax_client_conn = 2000\ndefault_pool_size = 1200\nlogfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\nadmin_users = app\nignore_startup_parameters = extra_float_digits,options\n",
             dir = dir.display()
         );
         std::fs::write(dir.join("pgbouncer.ini"), ini)?;
@@ -89,8 +92,10 @@ impl PgBouncer {
             Command::new("chown").args(["-R", "postgres"]).arg(&dir).status()?;
         }
         let mut cmd = if root {
+            // runuser may apply PAM's default limits: raise the file limit again, so
+            // that a thousand clients (and their server connections) fit.
             let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&bin);
+            c.args(["-u", "postgres", "--", "sh", "-c", "ulimit -n 16384 2>/dev/null; exec \"$0\" \"$@\""]).arg(&bin);
             c
         } else {
             Command::new(&bin)
@@ -103,6 +108,11 @@ impl PgBouncer {
             std::thread::sleep(Duration::from_millis(50));
         }
         anyhow::bail!("pgbouncer did not start; see {}", dir.join("pgbouncer.log").display())
+    }
+
+    /// The PgBouncer process (it runs under runuser: its own pid file says which).
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        Ok(std::fs::read_to_string(self.dir.join("pgbouncer.pid"))?.trim().parse()?)
     }
 
     pub fn dir(&self) -> &Path {

@@ -98,7 +98,7 @@ pub(super) async fn login(
             }
             b'Z' => {
                 let ready_status = body.first().copied().unwrap_or(b'I');
-                return Ok(BackendConn { stream, key, params: server_params, ready_status });
+                return Ok(BackendConn { stream, key, params: server_params, ready_status, port: super::ports::PortGuard::none() });
             }
             b'E' => return Err(refused(body)),
             b'N' | b'v' => {}

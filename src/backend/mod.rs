@@ -1,6 +1,7 @@
 //! Backends: where they are, how to reach them, and one logged-in connection.
 
 mod login;
+pub mod ports;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,8 @@ pub struct BackendConn {
     pub params: Vec<(String, String)>,
     /// The status byte of the first ReadyForQuery.
     pub ready_status: u8,
+    /// Keeps the connection's local port known as the proxy's own.
+    pub port: ports::PortGuard,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +106,10 @@ impl BackendTarget {
     /// Connects, negotiates TLS per the backend's mode, and logs in as the client.
     pub async fn connect(&self, params: &[(String, String)], creds: &BackendCredentials) -> Result<BackendConn, BackendError> {
         let stream = self.open().await?;
+        let port = ports::PortGuard::hold(match &stream {
+            Stream::Tcp(s) => s.local_addr().ok().map(|a| a.port()),
+            _ => None,
+        });
         let stream = match (&self.tls, stream) {
             (Some(tls), Stream::Tcp(tcp)) => self.negotiate_tls(tls.clone(), tcp).await?,
             (_, stream) => stream,
@@ -110,7 +117,7 @@ impl BackendTarget {
         let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.as_str()).unwrap_or_default();
         let login = login::login(stream, params, user, creds);
         match tokio::time::timeout(self.config.connect_timeout.max(Duration::from_secs(1)) * 2, login).await {
-            Ok(r) => r,
+            Ok(r) => r.map(|conn| BackendConn { port, ..conn }),
             Err(_) => Err(BackendError::Timeout),
         }
     }

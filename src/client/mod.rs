@@ -27,10 +27,13 @@ pub struct Login {
 
 /// Serves one accepted connection from its first byte to its end.
 pub async fn handle(proxy: Arc<Proxy>, stream: Stream, peer: String) {
-    match handshake::accept(&proxy, stream, peer).await {
+    // The handshake's state is large and short-lived: boxed, an idle session's task
+    // does not carry room for it.
+    let accepted = Box::pin(handshake::accept(&proxy, stream, peer)).await;
+    match accepted {
         Some(handshake::Accepted::Login(login)) => crate::session::run(proxy, login).await,
-        Some(handshake::Accepted::Cancel(key)) => proxy.cancel(key).await,
-        Some(handshake::Accepted::Admin(stream, startup)) => crate::admin::serve(proxy, stream, startup).await,
+        Some(handshake::Accepted::Cancel(key)) => Box::pin(proxy.cancel(key)).await,
+        Some(handshake::Accepted::Admin(stream, startup)) => Box::pin(crate::admin::serve(proxy, stream, startup)).await,
         None => {}
     }
 }

@@ -113,8 +113,9 @@ pub async fn check_database(
     let strangers = src
         .query(
             "SELECT usename::text || ' from ' || coalesce(client_addr::text, 'local') || ' (pid ' || pid || ')' FROM pg_stat_activity \
-             WHERE backend_type = 'client backend' AND datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY($1)) AND usename <> $2",
-            &[&our_pids, &admin_user],
+             WHERE backend_type = 'client backend' AND datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY($1)) AND usename <> $2 \
+             AND NOT (coalesce(client_port, -1) = ANY($3))",
+            &[&our_pids, &admin_user, &crate::backend::ports::ours()],
         )
         .await?;
     checks.push(Check::new(format!("{db}: no sessions on the source bypassing the proxy"), false, list(strangers)));

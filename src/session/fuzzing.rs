@@ -41,7 +41,7 @@ pub async fn relay_bytes(client: &[u8], backend: &[u8]) -> std::io::Result<(Vec<
     let (client_near, client_far) = UnixStream::pair()?;
     let (backend_near, backend_far) = UnixStream::pair()?;
     let gate = Arc::new(crate::gate::Gate::new());
-    let mut relay = Relay::new(guard.info.clone(), gate, Stream::Unix(client_near), BackendSide { stream: Stream::Unix(backend_near), target, key }, 1 << 20, b'I', Vec::new());
+    let mut relay = Relay::new(guard.info.clone(), gate, Stream::Unix(client_near), BackendSide { stream: Stream::Unix(backend_near), target, key, port: crate::backend::ports::PortGuard::none() }, 1 << 20, b'I', &[]);
     // The client closes once it has sent its bytes; the backend stays until the
     // relay ends, so that the end says what the bytes caused.
     let feed = |mut far: UnixStream, bytes: Vec<u8>, close: bool| async move {

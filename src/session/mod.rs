@@ -37,7 +37,19 @@ pub async fn fail(stream: &mut Stream, err: &PgError) {
     .await;
 }
 
-pub async fn run(proxy: Arc<Proxy>, mut login: Login) {
+pub async fn run(proxy: Arc<Proxy>, login: Login) {
+    // Cold, large futures are boxed: an idle session's task holds only the relay
+    // loop's state (memory per idle session is what PgBouncer is measured by).
+    let Some((mut session, guard, permit)) = Box::pin(start(proxy, login)).await else { return };
+    let end = session.relay_loop().await;
+    Box::pin(session.finish(end)).await;
+    drop(permit);
+    tracing::debug!(session = guard.info.id, "session ended");
+}
+
+/// Connects the backend, registers the session and introduces the backend to the
+/// client. None if the session ends before it starts.
+async fn start(proxy: Arc<Proxy>, mut login: Login) -> Option<(Session, registry::SessionGuard, tokio::sync::OwnedSemaphorePermit)> {
     // During a cutover a new session waits for it to end, then logs in wherever
     // the traffic goes: the source may be fenced by now.
     if proxy.cutover_running() {
@@ -51,12 +63,12 @@ pub async fn run(proxy: Arc<Proxy>, mut login: Login) {
             tracing::info!(user = %login.startup.user(), backend = %target.name, %message, "backend refused login");
             let _ = login.stream.write_all(&frame).await;
             let _ = login.stream.shutdown().await;
-            return;
+            return None;
         }
         Err(e) => {
             tracing::warn!(user = %login.startup.user(), backend = %target.name, error = %e, "backend connection failed");
             fail(&mut login.stream, &e.client_error(&target.name)).await;
-            return;
+            return None;
         }
     };
 
@@ -80,22 +92,18 @@ pub async fn run(proxy: Arc<Proxy>, mut login: Login) {
     write::backend_key_data(&mut hello, info.key);
     write::ready_for_query(&mut hello, conn.ready_status);
     if login.stream.write_all(&hello).await.is_err() {
-        terminate_backend(conn.stream).await;
-        return;
+        terminate_backend(conn.stream, conn.port).await;
+        return None;
     }
 
     let limit = proxy.config().proxy.max_message_size;
-    let backend = BackendSide { stream: conn.stream, target, key: conn.key };
-    let relay = Relay::new(info.clone(), proxy.gate().clone(), login.stream, backend, limit, conn.ready_status, conn.params);
+    let backend = BackendSide { stream: conn.stream, target, key: conn.key, port: conn.port };
+    let relay = Relay::new(info.clone(), proxy.gate().clone(), login.stream, backend, limit, conn.ready_status, &conn.params);
     let mut session = Session { gate_rx: proxy.gate().subscribe(), proxy, relay, control };
     if session.proxy.is_shutting_down() {
         session.relay.want.shutdown = true;
     }
-    let end = session.relay_loop().await;
-    session.finish(end).await;
-    drop(login.permit);
-    drop(guard);
-    tracing::debug!(session = info.id, "session ended");
+    Some((session, guard, login.permit))
 }
 
 /// A session's task: the relay and what talks to it.
@@ -169,11 +177,11 @@ impl Session {
                     }
                     if self.relay.want.prepare {
                         self.relay.want.prepare = false;
-                        self.prepare().await;
+                        Box::pin(self.prepare()).await;
                     }
                     if self.relay.want.migrate {
                         self.relay.want.migrate = false;
-                        if let Err(end) = self.migrate().await {
+                        if let Err(end) = Box::pin(self.migrate()).await {
                             return end;
                         }
                     }
@@ -216,7 +224,9 @@ impl Session {
             .await;
             let old_pid = self.relay.backend.key.pid;
             self.deliver(old_async, old_pid, None);
-            self.deliver(new_async, slot.conn.key.pid, Some(&mut slot.conn.params));
+            let mut params = relay::Params::from(&slot.conn.params);
+            self.deliver(new_async, slot.conn.key.pid, Some(&mut params));
+            slot.conn.params = params.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
             slot.state = match copied {
                 Ok(()) => Prepared::Yes,
                 Err(e) => Prepared::Failed(e.to_string()),
@@ -228,7 +238,7 @@ impl Session {
     /// Hands the client what a backend said on its own while the proxy asked it
     /// something: notifications with the client's pid, ParameterStatus folded into
     /// `params` (the new backend's, diffed at the swap) or passed on.
-    fn deliver(&mut self, frames: migrate::Async, backend_pid: i32, mut params: Option<&mut Vec<(String, String)>>) {
+    fn deliver(&mut self, frames: migrate::Async, backend_pid: i32, mut params: Option<&mut relay::Params>) {
         for mut frame in frames {
             match frame.first() {
                 Some(b'A') if frame.len() >= 9 => {
@@ -241,9 +251,9 @@ impl Session {
                     let fields: Vec<String> = frame.get(5..).unwrap_or_default().split(|c| *c == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
                     if let [name, value, ..] = fields.as_slice() {
                         match params.as_deref_mut() {
-                            Some(p) => relay::set_param(p, name, value),
+                            Some(p) => p.set(name, value),
                             None => {
-                                relay::set_param(&mut self.relay.params, name, value);
+                                self.relay.params.set(name, value);
                                 self.relay.to_client.extend(&frame);
                             }
                         }
@@ -278,6 +288,7 @@ impl Session {
         };
         let mut old_async = Vec::new();
         let mut new_async = Vec::new();
+        let mut new_params = relay::Params::from(&new.params);
         let moved = match prepared {
             Prepared::Yes => Ok(()),
             Prepared::Failed(why) => Err(why),
@@ -291,11 +302,11 @@ impl Session {
         };
         let old_pid = self.relay.backend.key.pid;
         self.deliver(old_async, old_pid, None);
-        self.deliver(new_async, new.key.pid, Some(&mut new.params));
+        self.deliver(new_async, new.key.pid, Some(&mut new_params));
         if let Err(e) = moved {
             tracing::warn!(session = id, error = %e, "session cannot move; closing it");
             proxy.cutover_tally().closed(id, e.clone());
-            terminate_backend(new.stream).await;
+            terminate_backend(new.stream, new.port).await;
             return Err(End::Closed(PgError::fatal(
                 sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("pgcutover moved the database to another server and could not bring this session along: {e}; reconnect"),
@@ -303,20 +314,20 @@ impl Session {
         }
         // The client learns what differs on the new server (server_version, ...).
         let mut changed = BytesMut::new();
-        for (name, value) in &new.params {
-            if self.relay.params.iter().find(|(k, _)| k == name).map(|(_, v)| v) != Some(value) {
+        for (name, value) in new_params.iter() {
+            if self.relay.params.get(name) != Some(value) {
                 write::parameter_status(&mut changed, name, value);
             }
         }
-        for (name, value) in std::mem::take(&mut new.params) {
-            relay::set_param(&mut self.relay.params, &name, &value);
+        for (name, value) in new_params.iter() {
+            self.relay.params.set(name, value);
         }
         self.relay.to_client.extend(&changed);
-        let old = std::mem::replace(&mut self.relay.backend, BackendSide { stream: new.stream, target: target.clone(), key: new.key });
+        let old = std::mem::replace(&mut self.relay.backend, BackendSide { stream: new.stream, target: target.clone(), key: new.key, port: new.port });
         self.info().set_backend(BackendLink { target: target.clone(), key: new.key });
         proxy.cutover_tally().moved(id);
         tracing::debug!(session = id, to = %target.name, "session moved");
-        tokio::spawn(terminate_backend(old.stream));
+        tokio::spawn(terminate_backend(old.stream, old.port));
         Ok(())
     }
 
@@ -353,22 +364,63 @@ impl Session {
                 relay::tell_client(relay, &PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid message from backend \"{backend_name}\"")));
             }
         }
+        // The client hears the end first; then the backend, whose port stays known
+        // as the proxy's own until its server process has gone.
+        let _ = tokio::time::timeout(Duration::from_secs(1), relay.flush_client()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), relay.client.shutdown()).await;
         if say_goodbye {
             relay.to_backend.extend(&write::TERMINATE);
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), relay.flush_backend()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), relay.flush_client()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), relay.client.shutdown()).await;
+        let terminated = say_goodbye || matches!(end, End::ClientTerminated);
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            if relay.flush_backend().await.is_ok() && terminated {
+                relay.backend_gone().await;
+            }
+        })
+        .await;
         relay.info.set_busy(false);
         relay.gate.notify_quiescent();
     }
 }
 
-async fn terminate_backend(mut stream: Stream) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&write::TERMINATE)).await;
+/// Says goodbye to a backend and waits (bounded) until it has gone; its port stays
+/// known as the proxy's own until then.
+async fn terminate_backend(mut stream: Stream, port: crate::backend::ports::PortGuard) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&write::TERMINATE).await?;
+        let mut sink = [0u8; 512];
+        while tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    drop(port);
 }
 
 /// A backend connection for `info` on `target`, with its credentials.
 pub async fn prewarm(info: &SessionInfo, target: &Arc<BackendTarget>) -> Result<BackendConn, crate::backend::BackendError> {
     target.connect(&info.startup_params, &info.creds).await
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle session's task holds the relay loop's state and no room for the
+    /// handshake, the backend login or a migration (boxed while they run).
+    #[test]
+    fn an_idle_session_task_is_small() {
+        fn size<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let config = "[proxy]\nlisten = \"127.0.0.1:0\"\n[auth]\nmethod = \"trust\"\n[backends.a]\nhost = \"127.0.0.1\"\nport = 1\n[cutover]\nactive = \"a\"\n";
+        let proxy = std::sync::Arc::new(crate::server::Proxy::new(crate::config::Config::parse(config).unwrap()).unwrap());
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let s = tokio::net::UnixStream::from_std(a).unwrap();
+            let f = crate::client::handle(proxy.clone(), crate::net::Stream::Unix(s), "x".into());
+            let n = size(&f);
+            eprintln!("a session task's future: {n} bytes");
+            assert!(n < 1536, "{n} bytes");
+        });
+    }
 }

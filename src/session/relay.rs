@@ -109,6 +109,25 @@ impl Inbound {
     pub fn at_boundary(&self) -> bool {
         self.scanner.at_boundary()
     }
+
+    /// Moves the frame at the front (`total` bytes, maybe not all read yet: the rest
+    /// follows as body) to `out`, or drops it. Returns the bytes forwarded.
+    fn pass_frame(&mut self, total: usize, drop: bool, out: &mut IoBuf) -> usize {
+        let n = self.scanner.pass(total, self.buf.len());
+        self.dropping = drop;
+        self.pass_body(n, out)
+    }
+
+    /// Moves `n` bytes of the current frame to `out`, or drops them.
+    fn pass_body(&mut self, n: usize, out: &mut IoBuf) -> usize {
+        let forwarded = if self.dropping { 0 } else { n };
+        out.extend(&self.buf.bytes()[..forwarded]);
+        self.buf.consume(n);
+        if self.at_boundary() {
+            self.dropping = false;
+        }
+        forwarded
+    }
 }
 
 /// The backend side: its stream and who it is.
@@ -116,6 +135,8 @@ pub struct BackendSide {
     pub stream: Stream,
     pub target: Arc<BackendTarget>,
     pub key: crate::protocol::startup::CancelKey,
+    /// Keeps the connection's local port known as the proxy's own until it is gone.
+    pub port: crate::backend::ports::PortGuard,
 }
 
 pub struct Relay {
@@ -143,7 +164,7 @@ pub struct Relay {
     pub holding: bool,
     pub want: Want,
     /// The ParameterStatus values the client has seen.
-    pub params: Vec<(String, String)>,
+    pub params: Params,
     /// The last whole frame forwarded to the client was an ErrorResponse.
     pub last_was_error: bool,
     busy_published: bool,
@@ -175,7 +196,7 @@ fn message(out: &mut IoBuf, tag: u8, body: &[u8]) {
 }
 
 impl Relay {
-    pub fn new(info: Arc<SessionInfo>, gate: Arc<Gate>, client: Stream, backend: BackendSide, limit: u32, tx: u8, params: Vec<(String, String)>) -> Relay {
+    pub fn new(info: Arc<SessionInfo>, gate: Arc<Gate>, client: Stream, backend: BackendSide, limit: u32, tx: u8, params: &[(String, String)]) -> Relay {
         Relay {
             info,
             gate,
@@ -195,7 +216,7 @@ impl Relay {
             rollback_retries: 0,
             holding: false,
             want: Want::default(),
-            params,
+            params: Params::from(params),
             last_was_error: false,
             busy_published: tx != b'I',
         }
@@ -248,7 +269,10 @@ impl Relay {
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::ClientGone(Some(e)))),
                 Poll::Pending => {}
             }
-            if self.to_client.len() < HIGH_WATER {
+            // A move waits for a whole frame from the backend: finish a partial one
+            // even when the client reads slowly (one frame is bounded).
+            let finish_frame = self.want.any() && !self.from_backend.at_boundary();
+            if self.to_client.len() < HIGH_WATER || finish_frame {
                 match poll_in(&mut self.backend.stream, &mut self.from_backend, cx) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Event::End(End::BackendGone(None))),
                     Poll::Ready(Ok(_)) => progress = true,
@@ -306,15 +330,7 @@ impl Relay {
             };
             match scan {
                 Scan::Incomplete => return None,
-                Scan::Body(n) => {
-                    if !inb.dropping {
-                        self.to_backend.extend(&inb.buf.bytes()[..n]);
-                    }
-                    inb.buf.consume(n);
-                    if inb.at_boundary() {
-                        inb.dropping = false;
-                    }
-                }
+                Scan::Body(n) => drop(inb.pass_body(n, &mut self.to_backend)),
                 Scan::Frame { tag, total } => {
                     let msg = Frontend::of(tag);
                     if msg == Frontend::Terminate {
@@ -384,13 +400,7 @@ impl Relay {
 
     /// Passes the client frame at the front on to the backend, or drops it.
     fn pass_client(&mut self, total: usize, drop: bool) {
-        let inb = &mut self.from_client;
-        let n = inb.scanner.pass(total, inb.buf.len());
-        if !drop {
-            self.to_backend.extend(&inb.buf.bytes()[..n]);
-        }
-        inb.buf.consume(n);
-        inb.dropping = drop && !inb.at_boundary();
+        self.from_client.pass_frame(total, drop, &mut self.to_backend);
     }
 
     /// Appends what the proxy answers itself (between whole frames).
@@ -412,14 +422,8 @@ impl Relay {
             match scan {
                 Scan::Incomplete => return None,
                 Scan::Body(n) => {
-                    if !inb.dropping {
-                        self.to_client.extend(&inb.buf.bytes()[..n]);
-                        self.info.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    inb.buf.consume(n);
-                    if inb.at_boundary() {
-                        inb.dropping = false;
-                    }
+                    let sent = inb.pass_body(n, &mut self.to_client);
+                    self.info.bytes_out.fetch_add(sent as u64, Ordering::Relaxed);
                 }
                 Scan::Frame { tag, total } => {
                     let msg = Backend::of(tag);
@@ -450,7 +454,7 @@ impl Relay {
                             if total <= INSPECT_LIMIT {
                                 let fields = split_cstrings(&self.from_backend.buf.bytes()[5..total]);
                                 if let [name, value, ..] = fields.as_slice() {
-                                    set_param(&mut self.params, name, value);
+                                    self.params.set(name, value);
                                 }
                             }
                             self.pass_backend(total, false);
@@ -479,14 +483,8 @@ impl Relay {
 
     /// Passes the backend frame at the front on to the client, or drops it.
     fn pass_backend(&mut self, total: usize, drop: bool) {
-        let inb = &mut self.from_backend;
-        let n = inb.scanner.pass(total, inb.buf.len());
-        if !drop {
-            self.to_client.extend(&inb.buf.bytes()[..n]);
-            self.info.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        inb.buf.consume(n);
-        inb.dropping = drop && !inb.at_boundary();
+        let sent = self.from_backend.pass_frame(total, drop, &mut self.to_client);
+        self.info.bytes_out.fetch_add(sent as u64, Ordering::Relaxed);
     }
 
     fn on_ready(&mut self, total: usize) {
@@ -560,44 +558,36 @@ impl Relay {
 
     /// Writes out everything queued for the client, flushing a buffered stream.
     pub async fn flush_client(&mut self) -> std::io::Result<()> {
-        std::future::poll_fn(|cx| match poll_out(&mut self.client, &mut self.to_client, &mut self.client_unflushed, cx)? {
-            Poll::Ready(_) if self.to_client.is_empty() && !self.client_unflushed => Poll::Ready(Ok(())),
-            Poll::Ready(_) => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            Poll::Pending => Poll::Pending,
-        })
-        .await
+        write_out(&mut self.client, &mut self.to_client, &mut self.client_unflushed).await
     }
 
     /// Writes out everything queued for the backend, flushing a buffered stream.
     pub async fn flush_backend(&mut self) -> std::io::Result<()> {
-        std::future::poll_fn(|cx| match poll_out(&mut self.backend.stream, &mut self.to_backend, &mut self.backend_unflushed, cx)? {
-            Poll::Ready(_) if self.to_backend.is_empty() && !self.backend_unflushed => Poll::Ready(Ok(())),
-            Poll::Ready(_) => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            Poll::Pending => Poll::Pending,
-        })
-        .await
+        write_out(&mut self.backend.stream, &mut self.to_backend, &mut self.backend_unflushed).await
     }
 
-    /// The session's state as the control plane sees it, for logs.
-    pub fn describe(&self) -> &'static str {
-        if self.pipeline.is_running() {
-            "running"
-        } else {
-            self.tx.as_str()
+    /// Waits until the backend has closed the connection (after Terminate): its
+    /// server process has left pg_stat_activity by then.
+    pub async fn backend_gone(&mut self) {
+        let mut sink = [0u8; 512];
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut self.backend.stream, &mut sink).await {
+            if n == 0 {
+                break;
+            }
         }
     }
+}
 
-    /// Whether both input sides hold no memory (an idle session).
-    pub fn holds_no_buffers(&self) -> bool {
-        !self.from_client.buf.holds_memory() && !self.from_backend.buf.holds_memory() && !self.to_client.holds_memory() && !self.to_backend.holds_memory()
-    }
-
+/// Writes all of `out` to `s` and flushes it.
+async fn write_out(s: &mut Stream, out: &mut IoBuf, unflushed: &mut bool) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| loop {
+        match poll_out(s, out, unflushed, cx)? {
+            Poll::Ready(_) if out.is_empty() && !*unflushed => return Poll::Ready(Ok(())),
+            Poll::Ready(_) => continue,
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Writes what is queued in `out` to `s` (and flushes a buffered stream once it is
@@ -649,10 +639,54 @@ fn split_cstrings(b: &[u8]) -> Vec<String> {
     b.split(|c| *c == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
 }
 
-pub fn set_param(params: &mut Vec<(String, String)>, name: &str, value: &str) {
-    match params.iter_mut().find(|(k, _)| k == name) {
-        Some((_, v)) => *v = value.to_owned(),
-        None => params.push((name.to_owned(), value.to_owned())),
+/// ParameterStatus values as one string, `name\0value\0...`: a session keeps
+/// a dozen of them, and one allocation instead of two dozen matters per idle session.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Params(String);
+
+impl Params {
+    pub fn from(pairs: &[(String, String)]) -> Params {
+        let mut p = Params::default();
+        for (k, v) in pairs {
+            p.set(k, v);
+        }
+        p
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mut parts = self.0.split('\0');
+        std::iter::from_fn(move || Some((parts.next().filter(|k| !k.is_empty())?, parts.next()?)))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        if self.get(name) == Some(value) {
+            return;
+        }
+        let mut next = String::with_capacity(self.0.len() + name.len() + value.len() + 2);
+        for (k, v) in self.iter().filter(|(k, _)| *k != name) {
+            next.extend([k, "\0", v, "\0"]);
+        }
+        next.extend([name, "\0", value, "\0"]);
+        self.0 = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Params;
+
+    #[test]
+    fn params_keep_one_value_per_name() {
+        let mut p = Params::from(&[("a".into(), "1".into()), ("b".into(), "".into())]);
+        p.set("a", "2");
+        p.set("c", "3");
+        assert_eq!(p.iter().collect::<Vec<_>>(), vec![("b", ""), ("a", "2"), ("c", "3")]);
+        assert_eq!(p.get("b"), Some(""));
+        assert_eq!(p.get("z"), None);
     }
 }
 
