@@ -35,7 +35,7 @@ pub async fn relay_bytes(client: &[u8], backend: &[u8]) -> std::io::Result<(Vec<
         client_addr: "fuzz".into(),
         backend: BackendLink { target: target.clone(), key },
         tx_status: b'I',
-        startup_params: Vec::new(),
+        startup_params: Default::default(),
         creds: Default::default(),
     });
     let (client_near, client_far) = UnixStream::pair()?;

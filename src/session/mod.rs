@@ -6,6 +6,7 @@ pub mod buffer;
 pub mod ended;
 pub mod fuzzing;
 pub mod migrate;
+pub mod params;
 pub mod pipeline;
 pub mod registry;
 pub mod relay;
@@ -79,7 +80,7 @@ async fn start(proxy: Arc<Proxy>, mut login: Login) -> Option<(Session, registry
         client_addr: login.peer.clone(),
         backend: BackendLink { target: target.clone(), key: conn.key },
         tx_status: conn.ready_status,
-        startup_params: login.startup.params.clone(),
+        startup_params: params::Params::from(&login.startup.params),
         creds: login.creds.clone(),
     });
     let info = guard.info.clone();
@@ -224,7 +225,7 @@ impl Session {
             .await;
             let old_pid = self.relay.backend.key.pid;
             self.deliver(old_async, old_pid, None);
-            let mut params = relay::Params::from(&slot.conn.params);
+            let mut params = params::Params::from(&slot.conn.params);
             self.deliver(new_async, slot.conn.key.pid, Some(&mut params));
             slot.conn.params = params.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
             slot.state = match copied {
@@ -238,7 +239,7 @@ impl Session {
     /// Hands the client what a backend said on its own while the proxy asked it
     /// something: notifications with the client's pid, ParameterStatus folded into
     /// `params` (the new backend's, diffed at the swap) or passed on.
-    fn deliver(&mut self, frames: migrate::Async, backend_pid: i32, mut params: Option<&mut relay::Params>) {
+    fn deliver(&mut self, frames: migrate::Async, backend_pid: i32, mut params: Option<&mut params::Params>) {
         for mut frame in frames {
             match frame.first() {
                 Some(b'A') if frame.len() >= 9 => {
@@ -277,7 +278,7 @@ impl Session {
         let id = self.info().id;
         let (target, mut new, prepared) = match self.info().take_prewarmed() {
             Some(Prewarmed { target, conn, state }) if target.name == active.name => (target, conn, state),
-            _ => match active.connect(&self.info().startup_params, &self.info().creds).await {
+            _ => match active.connect(&self.info().startup_params.to_vec(), &self.info().creds).await {
                 Ok(c) => (active.clone(), c, Prepared::No),
                 Err(e) => {
                     tracing::warn!(session = id, error = %e, "cannot open a connection on the new backend");
@@ -288,7 +289,7 @@ impl Session {
         };
         let mut old_async = Vec::new();
         let mut new_async = Vec::new();
-        let mut new_params = relay::Params::from(&new.params);
+        let mut new_params = params::Params::from(&new.params);
         let moved = match prepared {
             Prepared::Yes => Ok(()),
             Prepared::Failed(why) => Err(why),
@@ -398,7 +399,7 @@ async fn terminate_backend(mut stream: Stream, port: crate::backend::ports::Port
 
 /// A backend connection for `info` on `target`, with its credentials.
 pub async fn prewarm(info: &SessionInfo, target: &Arc<BackendTarget>) -> Result<BackendConn, crate::backend::BackendError> {
-    target.connect(&info.startup_params, &info.creds).await
+    target.connect(&info.startup_params.to_vec(), &info.creds).await
 }
 
 #[cfg(test)]

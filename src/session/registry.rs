@@ -118,7 +118,7 @@ pub struct SessionInfo {
     held_since: Mutex<Option<(Instant, SystemTime)>>,
     control: mpsc::UnboundedSender<Control>,
     /// What the session logged in with, to log in elsewhere on its behalf.
-    pub startup_params: Vec<(String, String)>,
+    pub startup_params: super::params::Params,
     pub creds: crate::auth::BackendCredentials,
     /// A connection to the cutover's target, opened before the pause.
     pub(crate) prewarmed: Mutex<Option<Prewarmed>>,
@@ -217,7 +217,7 @@ pub struct NewSession {
     pub client_addr: String,
     pub backend: BackendLink,
     pub tx_status: u8,
-    pub startup_params: Vec<(String, String)>,
+    pub startup_params: super::params::Params,
     pub creds: crate::auth::BackendCredentials,
 }
 
