@@ -501,6 +501,9 @@ impl Relay {
                     self.end_transaction();
                 } else if ready.drained {
                     self.rollback_retries = 0;
+                    // A pause's cancel that found only the proxy's own requests
+                    // running is spent: what it would end is ended already.
+                    self.cancel = Cancel::No;
                 }
             }
             Answer::Client => {
