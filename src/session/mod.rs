@@ -5,6 +5,7 @@
 pub mod buffer;
 pub mod ended;
 pub mod fuzzing;
+mod io;
 pub mod migrate;
 pub mod params;
 pub mod pipeline;
