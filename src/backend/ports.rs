@@ -2,10 +2,15 @@
 //! in, serving, and closing until the server has gone — so that preflight never
 //! mistakes one of them for a session that bypasses the proxy.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 static PORTS: Mutex<BTreeMap<u16, usize>> = Mutex::new(BTreeMap::new());
+/// Ports given up lately, and when: a look at pg_stat_activity that began before a
+/// connection closed may still show it.
+static RELEASED: Mutex<VecDeque<(Instant, u16)>> = Mutex::new(VecDeque::new());
+const KEEP_RELEASED: Duration = Duration::from_secs(30);
 
 /// Holds a local port in the set until dropped.
 #[derive(Debug)]
@@ -35,11 +40,24 @@ impl Drop for PortGuard {
                     ports.remove(&p);
                 }
             }
+            drop(ports);
+            let now = Instant::now();
+            let mut released = RELEASED.lock().unwrap_or_else(|e| e.into_inner());
+            while released.front().is_some_and(|(t, _)| now.duration_since(*t) > KEEP_RELEASED) {
+                released.pop_front();
+            }
+            released.push_back((now, p));
         }
     }
 }
 
-/// Every local port the proxy's backend connections use now.
-pub fn ours() -> Vec<i32> {
-    PORTS.lock().unwrap_or_else(|e| e.into_inner()).keys().map(|p| i32::from(*p)).collect()
+/// Every local port the proxy's backend connections used at any time since
+/// `since`: take `since` before a query of pg_stat_activity and call this after it,
+/// and every connection of ours the query can have seen is in the answer (a port is
+/// held before its server process exists and released only once it has gone).
+pub fn ours_since(since: Instant) -> Vec<i32> {
+    let mut all: Vec<i32> = PORTS.lock().unwrap_or_else(|e| e.into_inner()).keys().map(|p| i32::from(*p)).collect();
+    let released = RELEASED.lock().unwrap_or_else(|e| e.into_inner());
+    all.extend(released.iter().filter(|(t, _)| *t >= since).map(|(_, p)| i32::from(*p)));
+    all
 }
