@@ -277,6 +277,27 @@ impl ProxyHandle {
     }
 }
 
+/// The admin console on the Unix socket asks for no password: whoever can reach
+/// the socket is trusted. So its directory must be this user's own, and no symbolic
+/// link someone planted; it is not taken over by a chmod.
+fn own_directory(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        anyhow::bail!("socket_dir {} is a symbolic link: the admin console needs a directory of its own", dir.display());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        anyhow::bail!(
+            "socket_dir {} belongs to uid {}, not to this process (uid {me}): the admin console would be reachable through it; remove it or choose another directory",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    Ok(())
+}
+
 /// Binds the listeners and starts accepting.
 pub async fn start(config: Config) -> anyhow::Result<ProxyHandle> {
     let listen = config.proxy.listen;
@@ -292,6 +313,7 @@ pub async fn start(config: Config) -> anyhow::Result<ProxyHandle> {
     if let Some(path) = &socket_path {
         let dir = path.parent().context("socket path has no directory")?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        own_directory(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("cannot restrict {}", dir.display()))?;
         // A socket file left by a previous run that crashed would block the bind.

@@ -134,3 +134,37 @@ async fn connection_churn_is_never_taken_for_sessions_bypassing_the_proxy() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(bypass.is_empty(), "the proxy's own connections were taken for bypassing sessions: {bypass:?}");
 }
+
+/// The admin console needs no password on its Unix socket: its directory must be
+/// the proxy's own. A socket_dir that someone else created (or a symlink someone
+/// planted) is refused at start, not chmod'ed and used.
+#[tokio::test]
+async fn a_socket_directory_that_is_not_the_proxys_own_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fixture();
+    let base = tempfile::tempdir().unwrap();
+
+    let elsewhere = base.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let planted = base.path().join("planted");
+    std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
+    let mut config = f.config(&planted);
+    config.validate().unwrap();
+    let err = pgcutover::server::start(config).await.err().expect("a symlinked socket_dir is refused");
+    assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
+
+    // Someone else's directory, world-writable as such directories often are.
+    let theirs = base.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let other_uid = if unsafe { libc::geteuid() } == 0 { 65534 } else { 0 };
+    if std::os::unix::fs::chown(&theirs, Some(other_uid), None).is_ok() {
+        let config = f.config(&theirs);
+        let err = pgcutover::server::start(config).await.err().expect("someone else's socket_dir is refused");
+        assert!(format!("{err:#}").contains("belongs to"), "{err:#}");
+        assert_eq!(std::fs::metadata(&theirs).unwrap().permissions().mode() & 0o777, 0o777, "someone else's directory was changed");
+    } else {
+        // Not root: we cannot make a directory someone else's; our own still works.
+        assert!(pgcutover::server::start(f.config(&base.path().join("ours"))).await.is_ok());
+    }
+}
