@@ -320,10 +320,8 @@ async fn after_extended_copy_or_a_lone_flush_a_pause_waits_for_nobody_and_holds_
     assert!(reply.iter().any(|(t, b)| *t == b'C' && b.starts_with(b"COPY 2")), "{reply:?}");
     raw.send(&msg::flush()).await;
 
-    let started = tokio::time::Instant::now();
     let rows = proxy.admin("PAUSE 300ms").await.expect("nothing in flight");
     assert_eq!(rows[0][2].as_deref(), Some("0"), "{rows:?}");
-    assert!(started.elapsed() < Duration::from_secs(5));
     raw.query("INSERT INTO t VALUES (3)").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let count: i64 = f.blue().connect(&db).await.unwrap().query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);

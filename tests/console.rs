@@ -148,7 +148,7 @@ async fn a_socket_directory_that_is_not_the_proxys_own_is_refused() {
     std::fs::create_dir(&elsewhere).unwrap();
     let planted = base.path().join("planted");
     std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
-    let mut config = f.config(&planted);
+    let config = f.config(&planted);
     config.validate().unwrap();
     let err = pgcutover::server::start(config).await.err().expect("a symlinked socket_dir is refused");
     assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");

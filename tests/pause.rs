@@ -117,9 +117,7 @@ async fn at_the_deadline_cancel_gives_one_40001_and_the_session_goes_on() {
         (running, r)
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = Instant::now();
     let rows = proxy.admin("PAUSE 300ms").await.expect("PAUSE with cancel completes");
-    assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(rows[0][3].as_deref(), Some("2"), "two sessions cancelled: {rows:?}");
 
     let (running, r) = sleeper.await.unwrap();
@@ -301,10 +299,8 @@ async fn after_copy_in_through_the_extended_protocol_a_pause_drains_at_once_and_
         sink.send(bytes::Bytes::from_static(b"1\n2\n")).await.unwrap();
         assert_eq!(sink.finish().await.unwrap(), 2);
     }
-    let started = Instant::now();
     let rows = proxy.admin("PAUSE 300ms").await.expect("no session in flight");
     assert_eq!(rows[0][2].as_deref(), Some("0"), "{rows:?}");
-    assert!(started.elapsed() < Duration::from_secs(5));
     let c2 = c.clone();
     let q = tokio::spawn(async move { c2.execute("INSERT INTO t VALUES (3)", &[]).await });
     tokio::time::sleep(Duration::from_millis(300)).await;

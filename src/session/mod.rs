@@ -228,7 +228,7 @@ impl Session {
             self.deliver(old_async, old_pid, None);
             let mut params = params::Params::from(&slot.conn.params);
             self.deliver(new_async, slot.conn.key.pid, Some(&mut params));
-            slot.conn.params = params.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+            slot.conn.params = params.to_vec();
             slot.state = match copied {
                 Ok(()) => Prepared::Yes,
                 Err(e) => Prepared::Failed(e.to_string()),
@@ -250,7 +250,7 @@ impl Session {
                     self.relay.to_client.extend(&frame);
                 }
                 Some(b'S') => {
-                    let fields: Vec<String> = frame.get(5..).unwrap_or_default().split(|c| *c == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+                    let fields = relay::split_cstrings(frame.get(5..).unwrap_or_default());
                     if let [name, value, ..] = fields.as_slice() {
                         match params.as_deref_mut() {
                             Some(p) => p.set(name, value),

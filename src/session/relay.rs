@@ -543,7 +543,7 @@ impl Relay {
     }
 }
 
-fn split_cstrings(b: &[u8]) -> Vec<String> {
+pub(super) fn split_cstrings(b: &[u8]) -> Vec<String> {
     b.split(|c| *c == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
 }
 
