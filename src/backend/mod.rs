@@ -104,19 +104,24 @@ impl BackendTarget {
     }
 
     /// Connects, negotiates TLS per the backend's mode, and logs in as the client.
+    /// The whole exchange after the TCP connect is bounded: a server that accepts and
+    /// then says nothing (in the SSL negotiation, the TLS handshake or the login)
+    /// times out instead of hanging its caller.
     pub async fn connect(&self, params: &[(String, String)], creds: &BackendCredentials) -> Result<BackendConn, BackendError> {
         let stream = self.open().await?;
         let port = ports::PortGuard::hold(match &stream {
             Stream::Tcp(s) => s.local_addr().ok().map(|a| a.port()),
             _ => None,
         });
-        let stream = match (&self.tls, stream) {
-            (Some(tls), Stream::Tcp(tcp)) => self.negotiate_tls(tls.clone(), tcp).await?,
-            (_, stream) => stream,
-        };
         let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.as_str()).unwrap_or_default();
-        let login = login::login(stream, params, user, creds);
-        match tokio::time::timeout(self.config.connect_timeout.max(Duration::from_secs(1)) * 2, login).await {
+        let handshake = async {
+            let stream = match (&self.tls, stream) {
+                (Some(tls), Stream::Tcp(tcp)) => self.negotiate_tls(tls.clone(), tcp).await?,
+                (_, stream) => stream,
+            };
+            login::login(stream, params, user, creds).await
+        };
+        match tokio::time::timeout(self.config.connect_timeout.max(Duration::from_secs(1)) * 2, handshake).await {
             Ok(r) => r.map(|conn| BackendConn { port, ..conn }),
             Err(_) => Err(BackendError::Timeout),
         }
