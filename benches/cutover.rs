@@ -5,7 +5,13 @@
 //! invocation. Reads every transaction's latency from pgbench's log and compares the
 //! worst and the p99 around the switch with steady state.
 //!
+//! `--idle-sessions 16,1000` runs the pgcutover switch once per count, with that
+//! many idle sessions besides the load, each holding a SET value, a SQL prepared
+//! statement and a LISTEN (the pause must not grow with them); PgBouncer's switch
+//! runs with the largest count of idle clients.
+//!
 //!   cargo bench --bench cutover
+//!   cargo bench --bench cutover -- --idle-sessions 16,1000
 //!   BENCH_SECONDS=12 BENCH_CLIENTS=16 BENCH_MODE=simple cargo bench --bench cutover
 
 mod common;
@@ -14,6 +20,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{env_or, pgbench, PgBouncer, PASSWORD};
+use futures::StreamExt;
 use pgcutover::cluster::{ClusterOptions, Pair};
 
 fn now() -> f64 {
@@ -143,36 +150,96 @@ fn row(name: &str, l: &mut Latencies, switch: (f64, f64)) {
     );
 }
 
+/// `--idle-sessions a,b,...` (default: none besides the load).
+fn idle_counts() -> Vec<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--idle-sessions")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![0])
+}
+
+/// Opens `n` idle sessions to `port`, each with a SET value, a SQL prepared
+/// statement and a LISTEN.
+async fn idle_sessions(port: u16, db: &str, n: usize, with_state: bool) -> anyhow::Result<Vec<tokio_postgres::Client>> {
+    let url = format!("host=127.0.0.1 port={port} user=app password={PASSWORD} dbname={db}");
+    let opened = futures::stream::iter(0..n)
+        .map(|i| {
+            let url = url.clone();
+            async move {
+                let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                if with_state {
+                    c.batch_execute(&format!("SET work_mem = '{}kB'; PREPARE idle_{i} (int) AS SELECT $1 + {i}; LISTEN idle_{i}", 4096 + i)).await?;
+                } else {
+                    c.batch_execute("SELECT 1").await?;
+                }
+                Ok::<_, anyhow::Error>(c)
+            }
+        })
+        .buffer_unordered(16);
+    opened.collect::<Vec<_>>().await.into_iter().collect()
+}
+
+/// The file descriptors a thousand sessions need (client, backend, prewarmed).
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 async fn bench() -> anyhow::Result<()> {
+    raise_fd_limit();
     let seconds: u64 = env_or("BENCH_SECONDS", 12);
     let at = Duration::from_secs(seconds / 2);
-    let pair = Pair::start(&ClusterOptions::default())?;
+    let counts = idle_counts();
+    let most = counts.iter().copied().max().unwrap_or(0);
+    let options = ClusterOptions { settings: vec![format!("max_connections = {}", 2 * most + 200)], ..Default::default() };
+    let pair = Pair::start(&options)?;
     for c in [&pair.blue, &pair.green] {
         c.execute("postgres", &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'")).await?;
     }
 
-    // pgcutover.
-    setup(&pair, "bench_cutover").await?;
-    let dir = tempfile::tempdir()?;
-    let config = pgcutover::config::Config::parse(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nsocket_dir = \"{}\"\n[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n\
-         [backends.blue]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"disable\"\n[backends.green]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"disable\"\n\
-         [cutover]\nactive = \"blue\"\ntarget = \"green\"\ndrain_timeout = \"2s\"\n",
-        dir.path().display(),
-        pair.blue.port,
-        pair.green.port
-    ))?;
-    let handle = pgcutover::server::start(config).await?;
-    let proxy = handle.proxy.clone();
-    let (mut ours, switch_ours, report) = load(handle.tcp_addr.port(), "bench_cutover", seconds, at, || async {
-        let report = pgcutover::cutover::run(&proxy, None, false).await;
-        if !report.committed() {
-            anyhow::bail!("cutover {}: {:?}", report.outcome.as_str(), report.reason);
-        }
-        Ok(serde_json::to_string(&report)?)
-    })
-    .await?;
-    unfence(&pair).await?;
+    // pgcutover, once per count of idle sessions.
+    let mut runs = Vec::new();
+    for &n in &counts {
+        let db = format!("bench_cutover_{n}");
+        setup(&pair, &db).await?;
+        let dir = tempfile::tempdir()?;
+        let config = pgcutover::config::Config::parse(&format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nsocket_dir = \"{}\"\nmax_client_connections = {}\n[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n\
+             [backends.blue]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"disable\"\n[backends.green]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"disable\"\n\
+             [cutover]\nactive = \"blue\"\ntarget = \"green\"\ndrain_timeout = \"2s\"\n",
+            dir.path().display(),
+            n + 100,
+            pair.blue.port,
+            pair.green.port
+        ))?;
+        let handle = pgcutover::server::start(config).await?;
+        let idle = idle_sessions(handle.tcp_addr.port(), &db, n, true).await?;
+        let proxy = handle.proxy.clone();
+        let (lat, switch, report) = load(handle.tcp_addr.port(), &db, seconds, at, || async {
+            let report = pgcutover::cutover::run(&proxy, None, false).await;
+            if !report.committed() {
+                anyhow::bail!("cutover {}: {:?}", report.outcome.as_str(), report.reason);
+            }
+            Ok(serde_json::to_string(&report)?)
+        })
+        .await?;
+        drop(idle);
+        unfence(&pair).await?;
+        runs.push((n, lat, switch, report));
+    }
+    let (_, ours, switch_ours, report) = runs.last_mut().ok_or_else(|| anyhow::anyhow!("no run"))?;
+    let (ours, switch_ours, report) = (std::mem::replace(ours, Latencies { window: Vec::new(), steady: Vec::new(), failed: 0 }), *switch_ours, report.clone());
+    let mut ours = ours;
+    print_runs(&mut runs);
 
     // PgBouncer, transaction pooling, with the usual script.
     setup(&pair, "bench_bouncer").await?;
@@ -206,6 +273,9 @@ psql -X -q "$bouncer" -c "RESUME bench_bouncer"; step RESUME
         sub = pgcutover::cluster::subscription_name("bench_bouncer"),
         ini = bouncer.dir().join("pgbouncer.ini").display(),
     );
+    // Idle clients hold no server connection in transaction pooling (and could
+    // keep no session state there).
+    let idle = idle_sessions(bouncer.port, "bench_bouncer", most, false).await?;
     let (mut theirs, switch_theirs, steps) = load(bouncer.port, "bench_bouncer", seconds, at, || async {
         let out = tokio::process::Command::new("bash").arg("-c").arg(&script).env("PATH", path_with_psql()).output().await?;
         if !out.status.success() {
@@ -215,6 +285,7 @@ psql -X -q "$bouncer" -c "RESUME bench_bouncer"; step RESUME
     })
     .await?;
 
+    drop(idle);
     print_ours(&mut ours, switch_ours, &report);
     row("pgbouncer", &mut theirs, switch_theirs);
     println!("  PgBouncer script: {steps}");
@@ -222,6 +293,31 @@ psql -X -q "$bouncer" -c "RESUME bench_bouncer"; step RESUME
     println!("\n  worst stall pgcutover/pgbouncer = {ratio:.3} (goal: at most 0.1)");
     drop(bouncer);
     Ok(())
+}
+
+/// One line per count of idle sessions: the pause, its phases and the worst stall.
+fn print_runs(runs: &mut [(usize, Latencies, (f64, f64), String)]) {
+    println!("\npgcutover by idle sessions (besides the load): pause and worst client stall, ms");
+    let mut pauses = Vec::new();
+    for (n, lat, _, report) in runs.iter_mut() {
+        let r: serde_json::Value = serde_json::from_str(report).unwrap_or_default();
+        let pause = r["pause_ms"].as_f64().unwrap_or(0.0);
+        pauses.push(pause);
+        let phases: Vec<String> = r["phases"].as_array().into_iter().flatten().map(|p| format!("{} {:.1}", p["name"].as_str().unwrap_or(""), p["ms"].as_f64().unwrap_or(0.0))).collect();
+        println!(
+            "  {n:>5} idle: pause {pause:>8.1}  worst stall {:>8.1}  failed {}  moved {}  prepared {}  phases: {}",
+            percentile(&mut lat.window, 1.0),
+            lat.failed,
+            r["sessions_moved"],
+            r["sessions_prepared"],
+            phases.join(", ")
+        );
+    }
+    if let (Some(first), Some(last)) = (pauses.first(), pauses.last()) {
+        if pauses.len() > 1 {
+            println!("  pause at the most sessions / pause at the fewest = {:.2} (goal: at most 2)", last / first.max(0.001));
+        }
+    }
 }
 
 fn print_ours(ours: &mut Latencies, switch: (f64, f64), report: &str) {

@@ -24,8 +24,19 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    // A cutover this proxy left unfinished (killed mid-cutover) is finished before
+    // anything is served: its fence undone, or its repoint completed.
+    if let Some(journal) = crate::cutover::journal_path(&config, Some(path.to_owned())) {
+        if let Some(active) = crate::cutover::recover(&config, &journal).await? {
+            if let Some(state) = crate::state::path(&config, Some(path)) {
+                crate::state::save(&state, &active).with_context(|| format!("cannot record the active backend in {}", state.display()))?;
+            }
+            config.cutover.active = active;
+        }
+    }
     let mut handle = crate::server::start(config).await?;
     handle.proxy.set_config_path(path);
+    handle.proxy.cutover.set_hook(crate::cutover::hooks::from_env());
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;

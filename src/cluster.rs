@@ -140,6 +140,11 @@ impl Cluster {
         self.dir.join("data")
     }
 
+    /// The data directory (postgresql.conf, postgresql.auto.conf).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data()
+    }
+
     /// The Unix socket directory, for superuser connections.
     pub fn socket_dir(&self) -> &Path {
         &self.dir

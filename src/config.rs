@@ -166,6 +166,10 @@ pub struct CutoverConfig {
     /// Preflight refuses when the target lags the source by more than this (bytes).
     #[serde(default = "default_max_lag")]
     pub max_lag_bytes: u64,
+    /// Subscriptions on the target that stream from somewhere other than the source,
+    /// known and left alone (any other such subscription refuses the cutover).
+    #[serde(default)]
+    pub other_subscriptions: Vec<String>,
 }
 
 fn default_max_clients() -> usize {

@@ -26,6 +26,9 @@ pub struct Gate {
     held_now: AtomicI64,
     /// Increases with every pause; the max_pause watchdog only reopens its own.
     epoch: AtomicU64,
+    /// Increases with every repoint: a session that saw an older value looks at the
+    /// active backend before it starts its next request (see `Relay`).
+    route: AtomicU64,
     current: Mutex<Option<ActivePause>>,
     stats: Mutex<GateStats>,
 }
@@ -33,6 +36,9 @@ pub struct Gate {
 struct ActivePause {
     epoch: u64,
     since: Instant,
+    /// Who may resume it: the operator's own pause, or a cutover's, which only the
+    /// cutover ends (its source may be fenced until it does).
+    owner: Owner,
     watchdog: tokio::task::JoinHandle<()>,
 }
 
@@ -58,12 +64,21 @@ fn record(h: &mut Histogram<u64>, d: Duration) {
     h.saturating_record((d.as_micros() as u64).max(1));
 }
 
+/// Who closed the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    Operator,
+    Cutover,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PauseError {
     #[error("already paused")]
     AlreadyPaused,
     #[error("not paused")]
     NotPaused,
+    #[error("a cutover is running and owns this pause: it resumes by itself when it commits or rolls back")]
+    OwnedByCutover,
     #[error("drain did not finish within {0:?}: {n} session(s) still in a transaction, the gate was reopened; in the way: {list}", n = .1.len(), list = describe(.1))]
     Aborted(Duration, Vec<InFlight>),
     #[error("max_pause ({0:?}) reached before the drain finished; the gate was reopened")]
@@ -125,6 +140,7 @@ impl Gate {
             quiescent: Notify::new(),
             held_now: AtomicI64::new(0),
             epoch: AtomicU64::new(0),
+            route: AtomicU64::new(1),
             current: Mutex::new(None),
             stats: Mutex::new(GateStats {
                 pauses: 0,
@@ -195,8 +211,18 @@ impl Gate {
         }
     }
 
+    /// The current route (see the field).
+    pub fn route(&self) -> u64 {
+        self.route.load(Ordering::SeqCst)
+    }
+
+    /// The active backend changed: every session looks at it before its next request.
+    pub fn reroute(&self) {
+        self.route.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Closes the gate; `max_pause` later it reopens by itself unless resumed.
-    fn close(self: &Arc<Self>, max_pause: Duration) -> Result<u64, PauseError> {
+    fn close(self: &Arc<Self>, max_pause: Duration, owner: Owner) -> Result<u64, PauseError> {
         let mut current = self.lock_current();
         if current.is_some() {
             return Err(PauseError::AlreadyPaused);
@@ -212,7 +238,7 @@ impl Gate {
                 gate.with_stats(|s| s.max_pause_expired += 1);
             }
         });
-        *current = Some(ActivePause { epoch, since: Instant::now(), watchdog });
+        *current = Some(ActivePause { epoch, since: Instant::now(), owner, watchdog });
         self.with_stats(|s| s.pauses += 1);
         Ok(epoch)
     }
@@ -235,12 +261,24 @@ impl Gate {
         }
         self.closed.store(false, Ordering::SeqCst);
         self.open_tx.send_replace(true);
+        // A drain waiting on this pause learns that it is over.
+        self.quiescent.notify_waiters();
     }
 
-    /// Opens the gate; held requests run.
+    /// The operator's RESUME: opens the gate unless a cutover owns the pause.
     pub fn resume(&self) -> Result<Duration, PauseError> {
+        self.resume_as(Owner::Operator)
+    }
+
+    /// Opens the gate (held requests run) if `owner` may: a cutover resumes any
+    /// pause, the operator only its own.
+    pub fn resume_as(&self, owner: Owner) -> Result<Duration, PauseError> {
         let mut current = self.lock_current();
-        let since = current.as_ref().map(|p| p.since).ok_or(PauseError::NotPaused)?;
+        let pause = current.as_ref().ok_or(PauseError::NotPaused)?;
+        if pause.owner == Owner::Cutover && owner != Owner::Cutover {
+            return Err(PauseError::OwnedByCutover);
+        }
+        let since = pause.since;
         self.reopen(&mut current);
         Ok(since.elapsed())
     }
@@ -257,15 +295,18 @@ impl Gate {
 /// 40001), `Abort` reopens the gate and reports who was in the way.
 pub async fn pause(proxy: &Arc<Proxy>, timeout: Option<Duration>, on_timeout: OnDrainTimeout) -> Result<DrainReport, PauseError> {
     let max_pause = proxy.config().cutover.max_pause;
-    pause_with_watchdog(proxy, timeout, on_timeout, max_pause).await
+    pause_with_watchdog(proxy, timeout, on_timeout, max_pause, Owner::Operator).await
 }
 
 /// As [`pause`], with the gate reopening by itself after `watchdog` (a cutover
 /// bounds its own pause, and must not find the gate open behind its back).
-pub async fn pause_with_watchdog(proxy: &Arc<Proxy>, timeout: Option<Duration>, on_timeout: OnDrainTimeout, watchdog: Duration) -> Result<DrainReport, PauseError> {
+///
+/// Cancellation safety: dropping the future leaves the gate closed; its owner (or
+/// the watchdog) reopens it.
+pub async fn pause_with_watchdog(proxy: &Arc<Proxy>, timeout: Option<Duration>, on_timeout: OnDrainTimeout, watchdog: Duration, owner: Owner) -> Result<DrainReport, PauseError> {
     let gate = proxy.gate();
     let max_pause = watchdog;
-    let epoch = gate.close(watchdog)?;
+    let epoch = gate.close(watchdog, owner)?;
     let started = Instant::now();
     let in_flight_at = |proxy: &Proxy| proxy.sessions.list().into_iter().filter(|s| !s.quiescent()).collect::<Vec<_>>();
     let waited_for = in_flight_at(proxy).len();
@@ -308,11 +349,16 @@ pub async fn pause_with_watchdog(proxy: &Arc<Proxy>, timeout: Option<Duration>, 
                 }
             }
         }
-        let recheck = Instant::now() + Duration::from_millis(20);
-        let wake = deadline.map_or(recheck, |d| d.min(recheck));
-        tokio::select! {
-            _ = &mut notified => {}
-            _ = tokio::time::sleep_until(wake.into()) => {}
+        // Sessions say when they turn quiescent or end; the deadline wakes us too.
+        // No polling: `notified` was enabled before the sessions were looked at.
+        match deadline {
+            Some(d) => {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep_until(d.into()) => {}
+                }
+            }
+            None => notified.await,
         }
     }
 }

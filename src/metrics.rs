@@ -104,7 +104,7 @@ pub fn render(proxy: &Proxy) -> String {
 
     metric(&mut out, "cutovers_total", "counter", "Cutovers by outcome.");
     for (i, outcome) in ["committed", "rolled_back", "refused"].iter().enumerate() {
-        let _ = writeln!(out, "pgcutover_cutovers_total{{outcome=\"{outcome}\"}} {}", proxy.cutovers[i].load(Ordering::Relaxed));
+        let _ = writeln!(out, "pgcutover_cutovers_total{{outcome=\"{outcome}\"}} {}", proxy.cutover.counts[i].load(Ordering::Relaxed));
     }
     metric(&mut out, "active_backend", "gauge", "1 for the backend that serves traffic.");
     let active_name = proxy.active_backend().name.clone();
@@ -112,7 +112,7 @@ pub fn render(proxy: &Proxy) -> String {
         let _ = writeln!(out, "pgcutover_active_backend{{backend=\"{}\"}} {}", label(name), u8::from(*name == active_name));
     }
     metric(&mut out, "replication_lag_bytes", "gauge", "The target's replication lag per database, as last seen by a preflight.");
-    for (db, lag) in proxy.lag.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+    for (db, lag) in proxy.cutover.lag.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         let _ = writeln!(out, "pgcutover_replication_lag_bytes{{database=\"{}\"}} {lag}", label(db));
     }
     out

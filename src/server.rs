@@ -43,15 +43,11 @@ pub struct Proxy {
     /// What `client_slots` was sized for, to resize it on reload.
     max_clients: AtomicUsize,
     shutting_down: AtomicBool,
-    /// One cutover at a time.
-    pub(crate) cutover_lock: tokio::sync::Mutex<()>,
-    cutover_running: AtomicBool,
-    tally: crate::cutover::Tally,
-    last_report: Mutex<Option<crate::cutover::CutoverReport>>,
-    /// Cutovers by outcome: committed, rolled back, refused.
-    pub cutovers: [std::sync::atomic::AtomicU64; 3],
-    /// The target's replication lag (bytes) per database, as the last preflight saw it.
-    pub lag: Mutex<std::collections::BTreeMap<String, i64>>,
+    /// Where new sessions log in while a cutover's pause runs (its target: the
+    /// source is being fenced); None otherwise.
+    logins: ArcSwapOption<BackendTarget>,
+    /// The cutover controller: its lock, its state, its last report.
+    pub cutover: crate::cutover::Controller,
 }
 
 fn build_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<BackendTarget>>> {
@@ -94,12 +90,8 @@ impl Proxy {
             listen_addr: Mutex::new(None),
             max_clients: AtomicUsize::new(max_clients),
             shutting_down: AtomicBool::new(false),
-            cutover_lock: tokio::sync::Mutex::new(()),
-            cutover_running: AtomicBool::new(false),
-            tally: Default::default(),
-            last_report: Mutex::new(None),
-            cutovers: Default::default(),
-            lag: Mutex::new(Default::default()),
+            logins: ArcSwapOption::empty(),
+            cutover: crate::cutover::Controller::default(),
         })
     }
 
@@ -135,35 +127,23 @@ impl Proxy {
         &self.mock_secret
     }
 
-    pub fn cutover_running(&self) -> bool {
-        self.cutover_running.load(Ordering::SeqCst)
+    /// Where a new session logs in now.
+    pub fn login_backend(&self) -> Arc<BackendTarget> {
+        match self.logins.load_full() {
+            Some(t) => t,
+            None => self.active_backend(),
+        }
     }
 
-    pub(crate) fn set_cutover_running(&self, running: bool) {
-        self.cutover_running.store(running, Ordering::SeqCst);
+    pub(crate) fn set_logins(&self, target: Option<Arc<BackendTarget>>) {
+        self.logins.store(target);
     }
 
-    pub fn cutover_tally(&self) -> &crate::cutover::Tally {
-        &self.tally
-    }
-
-    pub fn last_report(&self) -> Option<crate::cutover::CutoverReport> {
-        self.last_report.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub(crate) fn set_last_report(&self, report: crate::cutover::CutoverReport) {
-        let i = match report.outcome {
-            crate::cutover::Outcome::Committed => 0,
-            crate::cutover::Outcome::RolledBack => 1,
-            crate::cutover::Outcome::Refused => 2,
-        };
-        self.cutovers[i].fetch_add(1, Ordering::Relaxed);
-        *self.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
-    }
-
-    /// Repoints the proxy: new sessions, and sessions that move, go to `target`.
+    /// Repoints the proxy: new sessions go to `target`, and every session looks at
+    /// it before its next request (the route is bumped after the store).
     pub(crate) fn set_active(&self, target: Arc<BackendTarget>) {
         self.active.store(target);
+        self.gate.reroute();
     }
 
     pub fn uptime(&self) -> Duration {
@@ -199,7 +179,9 @@ impl Proxy {
         }
         let active = self.active_backend().name.clone();
         let backends = build_backends(&config)?;
-        let new_active = backends.get(&active).cloned().with_context(|| format!("the active backend {active:?} is missing from the new file"))?;
+        if !backends.contains_key(&active) {
+            anyhow::bail!("the active backend {active:?} is missing from the new file");
+        }
         let tls = build_tls(&config)?;
         let auth = config.auth.clone();
         // Deriving SCRAM verifiers stretches keys: off the I/O threads.
@@ -214,8 +196,11 @@ impl Proxy {
         }
         self.users.store(Arc::new(users));
         self.client_tls.store(tls);
-        self.backends.store(Arc::new(backends));
-        self.active.store(new_active);
+        // The active backend keeps its name, whatever a cutover did meanwhile: the
+        // swap reads the current one, never one read before the file was parsed.
+        let backends = Arc::new(backends);
+        self.active.rcu(|current| backends.get(&current.name).cloned().unwrap_or_else(|| current.clone()));
+        self.backends.store(backends);
         self.config.store(Arc::new(config));
         tracing::info!(file = %path.display(), "configuration reloaded");
         Ok(path)
@@ -225,6 +210,9 @@ impl Proxy {
     /// finish); after `grace`, ends the rest.
     pub async fn shutdown(&self, grace: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        // A cutover that has not reached its repoint rolls back first: the source
+        // must not stay fenced behind a proxy that exits.
+        self.cutover.stop(self.config().cutover.max_pause + Duration::from_secs(20)).await;
         for s in self.sessions.list() {
             s.control(crate::session::registry::Control::Shutdown);
         }

@@ -103,7 +103,7 @@ pub async fn execute(proxy: &Arc<Proxy>, sql: &str) -> Result<ResultSet, PgError
         Command::Pause(timeout) => pause::pause(proxy, timeout).await,
         Command::Resume => pause::resume(proxy),
         Command::Reload => reload::reload(proxy).await,
-        Command::Show(Show::Cutover) => Ok(match proxy.last_report() {
+        Command::Show(Show::Cutover) => Ok(match proxy.cutover.last_report() {
             Some(r) => ResultSet::key_values(r.pairs()),
             None => ResultSet::key_values(Vec::<(String, String)>::new()),
         }),

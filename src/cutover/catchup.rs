@@ -1,64 +1,100 @@
 //! Catch-up: the target has applied everything committed on the source.
 //!
 //! A transactional logical message, committed with `synchronous_commit = on` (the
-//! walsender only sends flushed WAL), then `T = pg_current_wal_insert_lsn()`. The
-//! target has caught up when either
-//! - the subscription's walsender on the source reports `replay_lsn >= T` (a missing
-//!   row means not caught up), or
-//! - the target's apply worker has processed a keepalive at or past T
+//! walsender only sends flushed WAL), then `T = pg_current_wal_insert_lsn()`. A
+//! subscription has caught up when either
+//! - its walsender on the source reports `replay_lsn >= T`, or
+//! - its apply worker on the target has processed a keepalive at or past T
 //!   (`pg_stat_subscription.latest_end_lsn >= T`): it handles messages strictly in
 //!   order, so everything before T is applied by then.
 //!
 //! The second answers at once; the first only once the subscriber has flushed its
-//! asynchronous apply commits, which under load means its `wal_writer_delay`
-//! (about 200 ms): while commits wait for that flush the worker reports the last
-//! applied transaction, not the marker's empty one. `confirmed_flush_lsn` is not used.
+//! asynchronous apply commits (about 200 ms under load). `confirmed_flush_lsn` is not
+//! used. Every subscription of the database that streams from the source is waited
+//! for; stat rows are matched by subscription OID and walsender PID, never by name
+//! (names repeat across databases and clusters).
 
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use tokio_postgres::Client;
 
+use super::CutoverError;
+
+/// A subscription on the target, and where it streams from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub oid: u32,
+    pub name: String,
+    pub enabled: bool,
+    pub slot: Option<String>,
+    /// The walsender serving it on the source, if its slot is there and active.
+    pub walsender: Option<i32>,
+    /// Its slot is a logical slot of this database on the source.
+    pub from_source: bool,
+}
+
+/// Every subscription of the target's current database, matched with the logical
+/// slots of the source's same database.
+pub async fn subscriptions(src: &Client, dst: &Client) -> Result<Vec<Subscription>, tokio_postgres::Error> {
+    let rows = dst
+        .query(
+            "SELECT oid, subname::text, subenabled, subslotname::text FROM pg_subscription \
+             WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY subname",
+            &[],
+        )
+        .await?;
+    let slots = src
+        .query("SELECT slot_name::text, active_pid FROM pg_replication_slots WHERE slot_type = 'logical' AND database = current_database()", &[])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let slot: Option<String> = r.get(3);
+            let on_source = slot.as_ref().and_then(|s| slots.iter().find(|x| x.get::<_, String>(0) == *s));
+            Subscription {
+                oid: r.get(0),
+                name: r.get(1),
+                enabled: r.get(2),
+                slot: slot.clone(),
+                walsender: on_source.and_then(|x| x.get(1)),
+                from_source: on_source.is_some(),
+            }
+        })
+        .collect())
+}
+
 /// Writes the marker on the source database and returns T.
-pub async fn mark(src: &Client, id: u64) -> anyhow::Result<String> {
+pub async fn mark(src: &Client, id: &str) -> Result<String, tokio_postgres::Error> {
     src.batch_execute("SET default_transaction_read_only = off; SET synchronous_commit = on").await?;
     src.query_one("SELECT pg_logical_emit_message(true, 'pgcutover', $1)::text", &[&format!("cutover {id}")]).await?;
     Ok(src.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await?.get(0))
 }
 
-/// Polls both sides until `subscription` has applied everything up to `lsn`;
-/// returns how long that took and which side said so.
-pub async fn wait_replayed(src: &Client, dst: &Client, subscription: &str, lsn: &str, deadline: Instant) -> anyhow::Result<(Duration, &'static str)> {
+/// Waits until every subscription in `subs` has applied everything up to `lsn`;
+/// returns how long that took and which side said so last.
+pub async fn wait_replayed(src: &Client, dst: &Client, subs: &[Subscription], lsn: &str, deadline: Instant) -> Result<(Duration, &'static str), CutoverError> {
     let started = Instant::now();
-    let on_source = src
-        .prepare("SELECT coalesce(bool_or(replay_lsn >= $1::text::pg_lsn), false) FROM pg_stat_replication WHERE application_name = $2")
-        .await?;
-    let on_target = dst
-        .prepare("SELECT coalesce(bool_or(latest_end_lsn >= $1::text::pg_lsn), false) FROM pg_stat_subscription WHERE subname = $2 AND relid IS NULL")
-        .await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&lsn, &subscription];
-    loop {
-        let (a, b) = tokio::join!(src.query_one(&on_source, &params), dst.query_one(&on_target, &params));
-        if a?.get::<_, bool>(0) {
-            return Ok((started.elapsed(), "replay_lsn"));
+    let on_source = src.prepare("SELECT coalesce(bool_or(replay_lsn >= $1::text::pg_lsn), false) FROM pg_stat_replication WHERE pid = $2").await?;
+    let on_target = dst.prepare("SELECT coalesce(bool_or(latest_end_lsn >= $1::text::pg_lsn), false) FROM pg_stat_subscription WHERE subid = $2 AND relid IS NULL").await?;
+    let mut by = "none";
+    for sub in subs {
+        let pid = sub.walsender.unwrap_or(0);
+        loop {
+            let (on_src, on_dst): ([&(dyn tokio_postgres::types::ToSql + Sync); 2], [&(dyn tokio_postgres::types::ToSql + Sync); 2]) = ([&lsn, &pid], [&lsn, &sub.oid]);
+            let (a, b) = tokio::join!(src.query_one(&on_source, &on_src), dst.query_one(&on_target, &on_dst));
+            if a?.get::<_, bool>(0) {
+                by = "replay_lsn";
+                break;
+            }
+            if b?.get::<_, bool>(0) {
+                by = "latest_end_lsn";
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(CutoverError::Timeout { what: format!("subscription {} replaying {lsn}", sub.name), bound: deadline.saturating_duration_since(started) });
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        if b?.get::<_, bool>(0) {
-            return Ok((started.elapsed(), "latest_end_lsn"));
-        }
-        if Instant::now() >= deadline {
-            bail!("subscription {subscription} had not replayed {lsn} by the catch-up deadline");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-}
-
-/// The subscription that feeds the target's database `db`.
-pub async fn subscription(dst: &Client) -> anyhow::Result<Option<(String, bool)>> {
-    let row = dst
-        .query_opt(
-            "SELECT subname::text, subenabled FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY subname LIMIT 1",
-            &[],
-        )
-        .await?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+    Ok((started.elapsed(), by))
 }

@@ -1,95 +1,185 @@
 //! Fencing the source: no write may land there any more.
 //!
 //! `default_transaction_read_only` (ALTER SYSTEM + reload) makes existing sessions
-//! fail on their next write; a session could undo that with SET, so the
+//! fail on their next transaction; a session could undo that with SET, so the
 //! application roles also lose LOGIN and their remaining client backends that did
-//! not come through the proxy are terminated (never the walsender). Rollback undoes
-//! all of it.
+//! not come through the proxy are terminated (never the walsender). A transaction
+//! already running keeps its read-write state until it ends, so the fence may run
+//! while the drain does.
+//!
+//! Each step is journaled before it is made; [`undo`] reverses what the journal
+//! holds, exactly: the roles that had LOGIN get it back, postgresql.auto.conf gets
+//! back the value it held.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tokio_postgres::Client;
 
-/// What a fence changed, so that it can be undone exactly.
+use super::hooks::Hooks;
+use super::journal::{Entry, Journal};
+use super::CutoverError;
+use crate::session::migrate::{quote_ident, quote_literal};
+
+/// What a fence did, for the report.
 #[derive(Debug, Default)]
-pub struct Fence {
-    pub read_only: bool,
+pub struct Fenced {
     pub roles: Vec<String>,
-    pub terminated: i64,
+    pub terminated: usize,
 }
 
-/// Reloads the server's configuration and returns once every backend will have
-/// reloaded before its next command.
-///
-/// `pg_conf_load_time()` is when *this* backend last loaded the files; it changes
-/// on our next command only after the postmaster has re-read them and signalled
-/// every child, so from then on no backend runs a command under the old settings.
-pub async fn reload(c: &Client) -> anyhow::Result<()> {
-    let before = start_reload(c).await?;
-    reloaded(c, &before).await
+/// Errors in the server's configuration files: a reload cannot apply while there
+/// are any (`pg_conf_load_time()` then never changes), so a fence would never take
+/// effect and its ALTER SYSTEM would wait for the next good reload.
+pub async fn config_errors(c: &Client) -> Result<Option<String>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT coalesce(sourcefile, '?') || ':' || coalesce(sourceline::text, '?') || ': ' || error FROM pg_file_settings WHERE error IS NOT NULL ORDER BY seqno",
+            &[],
+        )
+        .await?;
+    let errors: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    Ok((!errors.is_empty()).then(|| errors.join("; ")))
 }
 
-/// Asks for a reload; returns the load time to wait past.
-async fn start_reload(c: &Client) -> anyhow::Result<String> {
-    let before: String = c.query_one("SELECT pg_conf_load_time()::text", &[]).await?.get(0);
-    c.batch_execute("SELECT pg_reload_conf()").await?;
-    Ok(before)
+async fn refuse_config_errors(c: &Client) -> Result<(), CutoverError> {
+    match config_errors(c).await? {
+        Some(e) => Err(CutoverError::Refused(format!("the source's configuration files have errors, so a reload cannot apply there (fix them first): {e}"))),
+        None => Ok(()),
+    }
 }
 
-/// Waits until this backend has reloaded since `before` (see [`reload`]).
-async fn reloaded(c: &Client, before: &str) -> anyhow::Result<()> {
-    for _ in 0..5000 {
-        let now: String = c.query_one("SELECT pg_conf_load_time()::text", &[]).await?.get(0);
-        if now != *before {
+/// What postgresql.auto.conf holds for default_transaction_read_only now.
+async fn auto_conf_value(c: &Client) -> Result<Option<String>, tokio_postgres::Error> {
+    let row = c
+        .query_opt(
+            "SELECT setting FROM pg_file_settings WHERE name = 'default_transaction_read_only' AND sourcefile LIKE '%/postgresql.auto.conf' ORDER BY seqno DESC LIMIT 1",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+async fn load_time(c: &Client) -> Result<String, tokio_postgres::Error> {
+    Ok(c.query_one("SELECT pg_conf_load_time()::text", &[]).await?.get(0))
+}
+
+/// Waits (bounded) until this backend has reloaded since `before`: from then on no
+/// backend runs a command under the old settings. `pg_conf_load_time()` changes on
+/// our next command only after the postmaster has re-read the files and signalled
+/// every child.
+async fn reloaded(c: &Client, before: &str, bound: Duration) -> Result<(), CutoverError> {
+    let deadline = Instant::now() + bound;
+    loop {
+        if load_time(c).await? != before {
             return Ok(());
+        }
+        if Instant::now() >= deadline {
+            refuse_config_errors(c).await?;
+            return Err(CutoverError::Timeout { what: "the source's configuration reload".into(), bound });
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    anyhow::bail!("the server did not reload its configuration within 5 s")
 }
 
-pub async fn fence(src: &Client, roles: &[String], keep_pids: &[i32], admin_user: &str) -> anyhow::Result<Fence> {
-    let mut f = Fence::default();
+/// The parts of a fence.
+pub struct Plan<'a> {
+    pub database: &'a str,
+    /// Roles whose logins stop (the application's; never the admin user).
+    pub roles: &'a [String],
+    /// Backends of the proxy's own sessions: never terminated.
+    pub keep_pids: &'a [i32],
+    pub admin_user: &'a str,
+    /// How long the reload may take to apply.
+    pub reload_bound: Duration,
+}
+
+/// Fences the source through `src`, journaling each side effect before making it.
+///
+/// Cancellation safety: dropping the future between two steps leaves the journal
+/// describing every step that may have been made; [`undo`] reverses them.
+pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: &Hooks) -> Result<Fenced, CutoverError> {
+    let started = Instant::now();
+    refuse_config_errors(src).await?;
+    let previous = auto_conf_value(src).await?;
     src.batch_execute("SET default_transaction_read_only = off").await?;
-    src.batch_execute("ALTER SYSTEM SET default_transaction_read_only = on").await.context("ALTER SYSTEM")?;
-    f.read_only = true;
-    // The postmaster reloads while the roles are changed; the fence is complete
-    // only once it has (checked at the end).
-    let before = start_reload(src).await?;
+    journal.record(Entry::ReadOnly { database: plan.database.into(), previous }).map_err(|e| CutoverError::Journal(e.to_string()))?;
+    src.batch_execute("ALTER SYSTEM SET default_transaction_read_only = on").await?;
+    hooks.at("fence.read_only").await?;
+    // The postmaster reloads while the roles change; the fence is complete once
+    // every backend has (checked at the end).
+    let before = load_time(src).await?;
+    src.batch_execute("SELECT pg_reload_conf()").await?;
+    hooks.at("fence.reload").await?;
+
     let rows = src
-        .query("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1) AND rolcanlogin AND rolname <> $2", &[&roles, &admin_user])
+        .query("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1) AND rolcanlogin AND rolname <> $2 ORDER BY 1", &[&plan.roles, &plan.admin_user])
         .await?;
-    // One round trip for every role (ALTER ROLE is transactional: all or none).
-    f.roles = rows.iter().map(|r| r.get::<_, String>(0)).collect();
-    let sql: String = f.roles.iter().map(|r| format!("ALTER ROLE {} NOLOGIN;", crate::session::migrate::quote_ident(r))).collect();
-    if !sql.is_empty() {
-        if let Err(e) = src.batch_execute(&sql).await {
-            f.roles.clear();
-            return Err(e.into());
+    let roles: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    if !roles.is_empty() {
+        journal.record(Entry::NoLogin { database: plan.database.into(), roles: roles.clone() }).map_err(|e| CutoverError::Journal(e.to_string()))?;
+        // One round trip for every role: a multi-statement query is one transaction.
+        let sql: String = roles.iter().map(|r| format!("ALTER ROLE {} NOLOGIN;", quote_ident(r))).collect();
+        src.batch_execute(&sql).await?;
+    }
+    hooks.at("fence.no_login").await?;
+
+    // What is left of the application's logins on the source and did not come
+    // through the proxy: its own backends are known by pid and, logging in or out,
+    // by their local port.
+    let rows = src
+        .query(
+            "SELECT pid, coalesce(client_port, -1) FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND usename = ANY($1) AND pid <> pg_backend_pid() AND NOT (pid = ANY($2))",
+            &[&roles, &plan.keep_pids],
+        )
+        .await?;
+    let ours = crate::backend::ports::ours_since(started);
+    let strangers: Vec<i32> = rows.iter().filter(|r| !ours.contains(&r.get::<_, i32>(1))).map(|r| r.get(0)).collect();
+    if !strangers.is_empty() {
+        src.query_one("SELECT count(pg_terminate_backend(p)) FROM unnest($1::int4[]) p", &[&strangers]).await?;
+    }
+    hooks.at("fence.terminate").await?;
+    reloaded(src, &before, plan.reload_bound).await?;
+    hooks.at("fence.reloaded").await?;
+    Ok(Fenced { roles, terminated: strangers.len() })
+}
+
+/// Reverses the fence steps in `entries` through `src`: LOGIN back for the roles
+/// that had it, postgresql.auto.conf as it was, and a reload so that held sessions
+/// write again. Safe to run twice, and on steps that were journaled but not made.
+pub async fn undo(src: &Client, entries: &[Entry]) -> Result<(), CutoverError> {
+    src.batch_execute("SET default_transaction_read_only = off").await?;
+    let mut sql = String::new();
+    for e in entries.iter().rev() {
+        if let Entry::NoLogin { roles, .. } = e {
+            for r in roles {
+                sql.push_str(&format!("ALTER ROLE {} LOGIN;", quote_ident(r)));
+            }
         }
     }
-    f.terminated = src
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE backend_type = 'client backend' AND usename = ANY($1) AND pid <> pg_backend_pid() AND NOT (pid = ANY($2))",
-            &[&f.roles, &keep_pids],
-        )
-        .await?
-        .get(0);
-    reloaded(src, &before).await?;
-    Ok(f)
-}
-
-pub async fn unfence(src: &Client, f: &Fence) -> anyhow::Result<()> {
-    let sql: String = f.roles.iter().map(|r| format!("ALTER ROLE {} LOGIN;", crate::session::migrate::quote_ident(r))).collect();
     if !sql.is_empty() {
         src.batch_execute(&sql).await?;
     }
-    if f.read_only {
-        src.batch_execute("ALTER SYSTEM RESET default_transaction_read_only").await?;
-        // Held sessions write again as soon as the gate opens.
-        reload(src).await?;
+    // The first ReadOnly entry holds what was there before any fence step.
+    let Some(previous) = entries.iter().find_map(|e| match e {
+        Entry::ReadOnly { previous, .. } => Some(previous.clone()),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    match previous {
+        Some(v) => src.batch_execute(&format!("ALTER SYSTEM SET default_transaction_read_only = {}", quote_literal(&v))).await?,
+        None => src.batch_execute("ALTER SYSTEM RESET default_transaction_read_only").await?,
     }
-    Ok(())
+    let before = load_time(src).await?;
+    src.batch_execute("SELECT pg_reload_conf()").await?;
+    match reloaded(src, &before, Duration::from_secs(5)).await {
+        // postgresql.auto.conf is as it was; with broken files no reload applies,
+        // so the fence never took effect either.
+        Err(CutoverError::Refused(why)) => {
+            tracing::warn!(%why, "the fence is undone in postgresql.auto.conf; the server cannot reload until its files are fixed");
+            Ok(())
+        }
+        other => other,
+    }
 }

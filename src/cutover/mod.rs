@@ -1,393 +1,578 @@
 //! The cutover: moves every session from the active backend (the source, a logical
 //! replication publisher) to the target (its subscriber).
 //!
-//! preflight → prewarm → pause → drain → fence → catch-up → sequences → repoint →
-//! move sessions → resume. Any failure before the repoint rolls back: unfence,
-//! reopen the gate on the source, report why. The pause is bounded by `max_pause`.
+//! preflight → prewarm (a target connection per session, the session's state
+//! copied onto it) → pause → drain ∥ fence → catch-up → sequences → repoint →
+//! resume → sessions adopt their prepared connections. Nothing per session runs
+//! inside the pause: a session whose copy is current swaps connections at its next
+//! request; one that ran anything since its copy copies again then.
+//!
+//! The [`Controller`] owns the cutover's state. A run is a task of its own, so it
+//! ends in commit or rollback even when whoever asked goes away; it talks to
+//! sessions through requests that carry their reply. Every side effect on a
+//! database is journaled before it is made ([`journal`]); a failure at any await
+//! point before the repoint, a timeout, SIGTERM or a crash is undone from the
+//! journal (after a crash, by the next start: [`recover`]).
 
 mod catchup;
 mod control;
+mod error;
 mod fence;
+pub mod hooks;
+pub mod journal;
 pub mod preflight;
 pub mod report;
 mod sequences;
+mod sessions;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use futures::stream::{self, StreamExt};
 use tokio_postgres::Client;
 
 use crate::backend::BackendTarget;
+use crate::config::{BackendConfig, Config};
+use crate::gate::Owner;
 use crate::server::Proxy;
-use crate::session::registry::{Control, SessionInfo};
+pub use error::{CutoverError, Failure, Phase};
+use hooks::{Hook, Hooks};
+use journal::{Entry, Journal};
 pub use report::{CutoverReport, Outcome};
-use report::{ms, Catchup, Phase};
+use report::{ms, Catchup};
 
-/// How many logins run at once while prewarming.
-const PREWARM_CONCURRENCY: usize = 32;
-/// How long moving the sessions may take before stragglers are closed.
+/// How long sessions get to copy their state before the pause; one that has not by
+/// then (a long transaction) copies at the switch.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the report waits for sessions to say they moved.
 const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a rollback keeps trying to undo the fence on fresh connections before
+/// it leaves the rest to a background retry and the next start.
+const UNDO_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Sessions moved and closed during the current cutover.
+/// The cutover's own state. The data path never reads it: sessions see only the
+/// gate, the active backend and their own control channel.
 #[derive(Default)]
-pub struct Tally {
-    moved: Mutex<HashSet<u64>>,
-    closed: Mutex<HashMap<u64, String>>,
+pub struct Controller {
+    /// One cutover at a time.
+    lock: tokio::sync::Mutex<()>,
+    running: AtomicBool,
+    /// Set by a shutdown: a run that has not reached the repoint rolls back.
+    stop: tokio::sync::Notify,
+    stopping: AtomicBool,
+    last_report: Mutex<Option<CutoverReport>>,
+    /// Cutovers by outcome: committed, rolled back, refused.
+    pub counts: [AtomicU64; 3],
+    /// The target's replication lag (bytes) per database, as the last preflight saw it.
+    pub lag: Mutex<std::collections::BTreeMap<String, i64>>,
+    hook: Mutex<Option<Hook>>,
 }
 
-impl Tally {
-    fn reset(&self) {
-        self.moved.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.closed.lock().unwrap_or_else(|p| p.into_inner()).clear();
+impl Controller {
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
     }
 
-    pub fn moved(&self, id: u64) {
-        self.moved.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+    pub fn last_report(&self) -> Option<CutoverReport> {
+        self.last_report.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn closed(&self, id: u64, why: String) {
-        self.closed.lock().unwrap_or_else(|p| p.into_inner()).insert(id, why);
+    fn finished(&self, report: &CutoverReport) {
+        let i = match report.outcome {
+            Outcome::Committed => 0,
+            Outcome::RolledBack => 1,
+            Outcome::Refused => 2,
+        };
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        *self.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
     }
 
-    fn settled(&self, id: u64) -> bool {
-        self.moved.lock().unwrap_or_else(|p| p.into_inner()).contains(&id) || self.closed.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id)
+    /// Arms a fault-injection hook for the next cutovers (tests).
+    pub fn set_hook(&self, hook: Option<Hook>) {
+        *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    fn hooks(&self) -> Hooks {
+        Hooks(self.hook.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// A shutdown: a running cutover rolls back (unless past its repoint), and this
+    /// returns once it has ended, or after `bound`.
+    pub async fn stop(&self, bound: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop.notify_waiters();
+        let _ = tokio::time::timeout(bound, self.lock.lock()).await;
+    }
+}
+
+/// How to run a cutover.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The backend to move to (default: `[cutover] target`).
+    pub to: Option<String>,
+    /// Go ahead despite failed checks that do not guard data.
+    pub force: bool,
+}
+
+/// Runs one cutover as a task of its own and waits for its report. Dropping the
+/// returned future does not stop the cutover: it still ends in commit or rollback.
+pub async fn run(proxy: &Arc<Proxy>, to: Option<&str>, force: bool) -> CutoverReport {
+    let proxy2 = proxy.clone();
+    let opts = Options { to: to.map(str::to_owned), force };
+    let task = tokio::spawn(async move { supervise(&proxy2, opts).await });
+    match task.await {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::error!(error = %e, "the cutover task failed");
+            let mut report = CutoverReport::new(0, "", "");
+            report.outcome = Outcome::RolledBack;
+            report.reason = Some(format!("the cutover task failed: {e}"));
+            report
+        }
     }
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Per database: the cutover's connections to both sides and the subscription.
+async fn supervise(proxy: &Arc<Proxy>, opts: Options) -> CutoverReport {
+    let config = proxy.config();
+    let source = proxy.active_backend();
+    let seq = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let to = opts.to.clone().or_else(|| config.cutover.target.clone()).unwrap_or_default();
+    let mut report = CutoverReport::new(seq, &source.name, &to);
+    let refuse = |mut report: CutoverReport, f: Failure| {
+        tracing::warn!(phase = %f.phase, kind = f.error.kind(), reason = %f.error, "cutover refused");
+        report.failed_phase = Some(f.phase.as_str().into());
+        report.reason = Some(f.error.to_string());
+        proxy.cutover.finished(&report);
+        report
+    };
+    let Ok(_one_at_a_time) = proxy.cutover.lock.try_lock() else {
+        return refuse(report, Failure { phase: Phase::Start, error: CutoverError::Busy });
+    };
+    if proxy.cutover.stopping.load(Ordering::SeqCst) {
+        return refuse(report, Failure { phase: Phase::Start, error: CutoverError::Shutdown });
+    }
+    let Some(target) = proxy.backend(&to) else {
+        return refuse(report, Failure { phase: Phase::Start, error: CutoverError::NoBackend(to) });
+    };
+    if target.name == source.name {
+        return refuse(report, Failure { phase: Phase::Start, error: CutoverError::AlreadyActive(to) });
+    }
+    let id = format!("{seq}-{:08x}", rand::random::<u32>());
+    let application_name = control::application_name(&id);
+    let journal_path = journal_path(&config, proxy.config_path());
+    let begin = Entry::Begin { id: id.clone(), source: source.name.clone(), target: target.name.clone(), application_name: application_name.clone() };
+    let journal = match Journal::create(journal_path, begin) {
+        Ok(j) => j,
+        Err(e) => return refuse(report, Failure { phase: Phase::Start, error: CutoverError::Journal(e.to_string()) }),
+    };
+    report.id = seq;
+    tracing::info!(id, from = %source.name, to = %target.name, "cutover starting");
+    proxy.cutover.running.store(true, Ordering::SeqCst);
+    let mut run = Run { proxy: proxy.clone(), config, report, id, application_name, source, target, journal, databases: Vec::new(), paused: false, hooks: proxy.cutover.hooks(), sessions: Vec::new(), phase: Phase::Start };
+    let report = run.execute(opts.force).await;
+    proxy.cutover.running.store(false, Ordering::SeqCst);
+    tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "cutover {}", report.outcome.as_str());
+    proxy.cutover.finished(&report);
+    report
+}
+
+/// The journal of a configuration: next to its state file, if it has one.
+pub fn journal_path(config: &Config, config_path: Option<PathBuf>) -> Option<PathBuf> {
+    crate::state::path(config, config_path.as_deref()).map(|p| journal::path_for(&p))
+}
+
+/// Per database: the cutover's connections to both sides and the subscriptions
+/// from the source.
 struct Database {
     name: String,
     src: Client,
     dst: Client,
-    subscription: String,
+    subscriptions: Vec<catchup::Subscription>,
 }
 
-struct Run<'a> {
-    proxy: &'a Arc<Proxy>,
+struct Run {
+    proxy: Arc<Proxy>,
+    config: Arc<Config>,
     report: CutoverReport,
+    id: String,
+    application_name: String,
     source: Arc<BackendTarget>,
     target: Arc<BackendTarget>,
+    journal: Journal,
     databases: Vec<Database>,
-    fence: Option<fence::Fence>,
+    /// The gate is closed by this cutover.
     paused: bool,
+    hooks: Hooks,
+    /// The sessions on the source when the cutover began.
+    sessions: Vec<Arc<crate::session::registry::SessionInfo>>,
+    /// Where it is (a failure is reported against it).
+    phase: Phase,
 }
 
-/// Runs one cutover to `to` (default: `[cutover] target`). Never panics on a
-/// failure: every outcome is a report.
-pub async fn run(proxy: &Arc<Proxy>, to: Option<&str>, force: bool) -> CutoverReport {
-    let config = proxy.config();
-    let source = proxy.active_backend();
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let to_name = to.map(str::to_owned).or_else(|| config.cutover.target.clone()).unwrap_or_default();
-    let report = CutoverReport {
-        id,
-        from: source.name.clone(),
-        to: to_name.clone(),
-        started_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        outcome: Outcome::Refused,
-        failed_phase: None,
-        reason: None,
-        phases: Vec::new(),
-        pause_ms: 0.0,
-        databases: Vec::new(),
-        sessions_moved: 0,
-        sessions_cancelled: 0,
-        sessions_closed: 0,
-        closed: Vec::new(),
-        held_requests: 0,
-        longest_hold_ms: 0.0,
-        sequences_copied: 0,
-        catchup: Vec::new(),
-        preflight: Vec::new(),
-    };
-    let refuse = |mut report: CutoverReport, phase: &str, why: String| {
-        tracing::warn!(phase, reason = %why, "cutover refused");
-        report.failed_phase = Some(phase.into());
-        report.reason = Some(why);
-        report
-    };
-    let Ok(_one_at_a_time) = proxy.cutover_lock.try_lock() else {
-        return refuse(report, "start", "a cutover is already running".into());
-    };
-    let Some(target) = proxy.backend(&to_name) else {
-        return refuse(report, "start", format!("no backend named {to_name:?} (set --to or [cutover] target)"));
-    };
-    if target.name == source.name {
-        return refuse(report, "start", format!("{to_name} is already the active backend"));
-    }
-    tracing::info!(id, from = %source.name, to = %target.name, "cutover starting");
-    let mut run = Run { proxy, report, source, target, databases: Vec::new(), fence: None, paused: false };
-    let outcome = run.execute(force).await;
-    let report = match outcome {
-        Ok(()) => run.report,
-        Err((phase, why)) => run.rollback(phase, why).await,
-    };
-    proxy.set_cutover_running(false);
-    tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "cutover {}", report.outcome.as_str());
-    proxy.set_last_report(report.clone());
-    report
-}
-
-type Failure = (&'static str, String);
-
-fn fail(phase: &'static str) -> impl Fn(anyhow::Error) -> Failure {
-    move |e| (phase, format!("{e:#}"))
-}
-
-impl Run<'_> {
-    fn record(&mut self, name: &'static str, since: Instant) {
-        self.report.phases.push(Phase { name, ms: ms(since.elapsed()) });
+impl Run {
+    fn record(&mut self, phase: Phase, since: Instant) {
+        self.report.phases.push(report::Phase { name: phase.as_str(), ms: ms(since.elapsed()) });
     }
 
-    fn on_source(&self) -> Vec<Arc<SessionInfo>> {
+    fn on_source(&self) -> Vec<Arc<crate::session::registry::SessionInfo>> {
         self.proxy.sessions.list().into_iter().filter(|s| s.backend().target.name == self.source.name).collect()
     }
 
-    async fn execute(&mut self, force: bool) -> Result<(), Failure> {
-        let config = self.proxy.config();
-        let cut = &config.cutover;
+    async fn execute(&mut self, force: bool) -> CutoverReport {
+        let proxy = self.proxy.clone();
+        let max_pause = self.config.cutover.max_pause;
+        // Everything before the repoint can be abandoned: at an injected fault, an
+        // error, max_pause or a shutdown. Cancellation safety: the journal holds
+        // every side effect made so far, and the rollback undoes it.
+        let stop = proxy.cutover.stop.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        let outcome = if proxy.cutover.stopping.load(Ordering::SeqCst) {
+            Err(CutoverError::Shutdown)
+        } else {
+            let steps = async {
+                self.before_pause(force).await?;
+                let deadline = Instant::now() + max_pause;
+                match tokio::time::timeout_at(deadline.into(), self.paused_steps()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(CutoverError::MaxPause(max_pause)),
+                }
+            };
+            tokio::select! {
+                r = steps => r,
+                _ = &mut stop => Err(CutoverError::Shutdown),
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                self.commit().await;
+                std::mem::replace(&mut self.report, CutoverReport::new(0, "", ""))
+            }
+            Err(error) => self.rollback(Failure { phase: self.phase, error }).await,
+        }
+    }
 
-        // Preflight: refuse with every reason found.
+    /// Preflight and prewarm: nothing is paused yet.
+    async fn before_pause(&mut self, force: bool) -> Result<(), CutoverError> {
+        self.phase = Phase::Preflight;
+        self.preflight(force).await?;
+        self.hooks.at("preflight").await?;
+
+        // Prewarm: a logged-in target connection per session, the session's state
+        // copied onto it, before anything pauses.
+        self.phase = Phase::Prewarm;
+        let t = Instant::now();
+        self.sessions = self.on_source();
+        let prewarm = sessions::prewarm(&self.sessions, &self.target, PREPARE_TIMEOUT).await;
+        self.report.sessions_prepared = prewarm.copied;
+        self.record(Phase::Prewarm, t);
+        if !prewarm.failures.is_empty() {
+            return Err(CutoverError::Refused(prewarm.failures.join("; ")));
+        }
+        self.hooks.at("prewarm").await
+    }
+
+    /// From the pause to the point of no return, bounded by max_pause.
+    async fn paused_steps(&mut self) -> Result<(), CutoverError> {
+        let config = self.config.clone();
+        let cut = &config.cutover;
+        // Pause; new logins go to the target from now (the source is being fenced).
+        self.phase = Phase::Drain;
+        self.proxy.set_logins(Some(self.target.clone()));
+        let proxy = self.proxy.clone();
+        let watchdog = cut.max_pause + Duration::from_secs(30);
+        let drain = crate::gate::pause_with_watchdog(&proxy, Some(cut.drain_timeout), cut.on_drain_timeout, watchdog, Owner::Cutover);
+        self.paused = true;
+        // The fence runs while the drain does: a transaction already running keeps
+        // its read-write state until it ends (see fence.rs).
+        let mut roles: Vec<String> = self.sessions.iter().map(|s| s.user.clone()).collect();
+        roles.extend(config.auth.users.iter().map(|u| u.name.clone()));
+        roles.sort();
+        roles.dedup();
+        let keep: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
+        let (journal, hooks, db) = (&mut self.journal, &self.hooks, &self.databases[0]);
+        let admin_user = &self.source.config.admin_user;
+        let fence = async {
+            let started = Instant::now();
+            hooks.at("pause").await?;
+            if !cut.fence_source {
+                return Ok((None, started.elapsed()));
+            }
+            let plan = fence::Plan { database: &db.name, roles: &roles, keep_pids: &keep, admin_user, reload_bound: cut.max_pause };
+            fence::fence(&db.src, &plan, journal, hooks).await.map(|f| (Some(f), started.elapsed()))
+        };
+        let (drained, fenced) = tokio::join!(drain, fence);
+        let drained = match drained {
+            Ok(d) => d,
+            Err(e) => {
+                if e == crate::gate::PauseError::AlreadyPaused {
+                    self.paused = false;
+                }
+                return Err(e.into());
+            }
+        };
+        self.report.sessions_cancelled = drained.cancelled.len();
+        self.report.phases.push(report::Phase { name: Phase::Drain.as_str(), ms: ms(drained.drain) });
+        self.phase = Phase::Fence;
+        if let (Some(f), took) = fenced? {
+            self.report.fenced_roles = f.roles;
+            self.report.terminated = f.terminated;
+            self.report.phases.push(report::Phase { name: Phase::Fence.as_str(), ms: ms(took) });
+        }
+        self.hooks.at("drain").await?;
+
+        // Catch-up: every subscription from the source, in every database.
+        self.phase = Phase::Catchup;
+        let t = Instant::now();
+        let catchup_deadline = Instant::now() + cut.catchup_timeout;
+        let id = self.id.clone();
+        let results = futures::future::join_all(self.databases.iter().map(|db| {
+            let id = id.clone();
+            async move {
+                let lsn = catchup::mark(&db.src, &id).await?;
+                let (after, by) = catchup::wait_replayed(&db.src, &db.dst, &db.subscriptions, &lsn, catchup_deadline).await?;
+                let names: Vec<&str> = db.subscriptions.iter().map(|s| s.name.as_str()).collect();
+                Ok::<_, CutoverError>(Catchup { database: db.name.clone(), subscription: names.join(","), lsn, reached_after_ms: ms(after), detected_by: by })
+            }
+        }))
+        .await;
+        for r in results {
+            self.report.catchup.push(r?);
+        }
+        self.record(Phase::Catchup, t);
+        self.hooks.at("catchup").await?;
+
+        // Sequences: read on the source, set on the target, one round trip each.
+        self.phase = Phase::Sequences;
+        let t = Instant::now();
+        let margin = cut.sequence_margin;
+        let copied = futures::future::join_all(self.databases.iter().map(|db| async move {
+            let positions = sequences::read(&db.src, margin).await?;
+            sequences::apply(&db.dst, &positions).await
+        }))
+        .await;
+        for c in copied {
+            self.report.sequences_copied += c?;
+        }
+        self.record(Phase::Sequences, t);
+        self.hooks.at("sequences").await?;
+        self.phase = Phase::Repoint;
+        self.hooks.at("repoint").await?;
+        // The point of no return, journaled first: a crash after this line rolls
+        // forward at the next start.
+        let subscriptions = self.databases.iter().flat_map(|db| db.subscriptions.iter().map(|s| (db.name.clone(), s.name.clone()))).collect();
+        self.journal.record(Entry::Repoint { target: self.target.name.clone(), subscriptions }).map_err(|e| CutoverError::Journal(e.to_string()))
+    }
+
+    async fn preflight(&mut self, force: bool) -> Result<(), CutoverError> {
+        let cut = &self.config.cutover;
         let t = Instant::now();
         let mut names: BTreeSet<String> = cut.databases.iter().cloned().collect();
         names.extend(self.proxy.sessions.list().iter().map(|s| s.database.clone()));
         if names.is_empty() {
-            return Err(("preflight", "no database to cut over: no session is open and [cutover] databases is empty".into()));
+            return Err(CutoverError::Refused("no database to cut over: no session is open and [cutover] databases is empty".into()));
         }
         self.report.databases = names.iter().cloned().collect();
         for name in &names {
-            let src = control::connect(&self.source.config, name).await.map_err(fail("preflight"))?;
-            let dst = control::connect(&self.target.config, name).await.map_err(fail("preflight"))?;
-            let subscription = catchup::subscription(&dst).await.map_err(fail("preflight"))?.map(|s| s.0).unwrap_or_default();
-            self.databases.push(Database { name: name.clone(), src, dst, subscription });
+            let src = control::connect(&self.source.config, name, &self.application_name).await?;
+            let dst = control::connect(&self.target.config, name, &self.application_name).await?;
+            let subscriptions = catchup::subscriptions(&src, &dst).await?;
+            self.databases.push(Database { name: name.clone(), src, dst, subscriptions });
         }
         let our_pids: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
         let mut problems = Vec::new();
-        for db in &self.databases {
-            let checks = preflight::check_database(&db.name, &db.src, &db.dst, &our_pids, &self.source.config.admin_user, cut.drain_timeout, cut.max_lag_bytes, Some(&self.proxy.lag))
-                .await
-                .map_err(fail("preflight"))?;
+        let settings = preflight::Settings::of(&self.config, &self.source.config.admin_user);
+        for db in &mut self.databases {
+            let checks = preflight::check_database(&db.name, &db.src, &db.dst, &db.subscriptions, &our_pids, &settings, Some(&self.proxy.cutover.lag)).await?;
             for c in checks {
                 if !c.ok && (c.guards_data || !force) {
                     problems.push(c.to_string());
                 }
                 self.report.preflight.push(c.to_string());
             }
+            // Only the subscriptions from the source are waited for and disabled.
+            db.subscriptions.retain(|s| s.from_source);
         }
-        self.record("preflight", t);
+        self.record(Phase::Preflight, t);
         if !problems.is_empty() {
-            return Err(("preflight", problems.join("; ")));
+            return Err(CutoverError::Refused(problems.join("; ")));
         }
+        Ok(())
+    }
 
-        // Prewarm: a logged-in target connection per session, before anything pauses.
-        let t = Instant::now();
-        let sessions = self.on_source();
-        let target = self.target.clone();
-        let failures: Vec<String> = stream::iter(sessions.iter().cloned())
-            .map(|s| {
-                let target = target.clone();
-                async move {
-                    match crate::session::prewarm(&s, &target).await {
-                        Ok(conn) => {
-                            s.set_prewarmed(target, conn);
-                            None
-                        }
-                        Err(e) => Some(format!("session {} ({}@{}): {e}", s.id, s.user, s.database)),
-                    }
-                }
-            })
-            .buffer_unordered(PREWARM_CONCURRENCY)
-            .filter_map(|r| async move { r })
-            .collect()
-            .await;
-        self.record("prewarm", t);
-        if !failures.is_empty() {
-            return Err(("prewarm", failures.join("; ")));
-        }
-
-        // Pause and drain.
-        self.proxy.set_cutover_running(true);
-        self.proxy.cutover_tally().reset();
-        let t = Instant::now();
-        let deadline = t + cut.max_pause;
-        let drained = crate::gate::pause_with_watchdog(self.proxy, Some(cut.drain_timeout), cut.on_drain_timeout, cut.max_pause + Duration::from_secs(30))
-            .await
-            .map_err(|e| ("drain", e.to_string()))?;
-        self.paused = true;
-        self.report.sessions_cancelled = drained.cancelled.len();
-        self.record("drain", t);
-        // Sessions copy their state onto the target while the source is fenced
-        // and caught up: at the switch only the swap remains.
-        let sessions = self.on_source();
-        for s in &sessions {
-            s.control(Control::Prepare);
-        }
-
-        // Everything up to the repoint fits in max_pause, or rolls back.
-        let bounded = tokio::time::timeout_at(deadline.into(), self.fence_catch_up_sequences()).await;
-        match bounded {
-            Ok(r) => r?,
-            Err(_) => return Err(("max_pause", format!("the cutover would have paused traffic longer than max_pause ({:?})", cut.max_pause))),
-        }
-        // A session that has not copied its state by now copies it at the switch.
-        let t = Instant::now();
-        let _ = tokio::time::timeout_at(deadline.min(t + MOVE_TIMEOUT).into(), async {
-            while sessions.iter().any(|s| s.prepared() == Some(crate::session::registry::Prepared::No)) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await;
-        self.record("prepare_sessions", t);
-
-        // The point of no return.
+    /// After the point of no return: repoint, resume, let sessions move, disable the
+    /// subscriptions. Nothing here rolls back.
+    async fn commit(&mut self) {
+        // Past the point of no return a fault cannot roll back: only a crash here
+        // (a test's abort) means anything, and the next start rolls forward.
+        let _ = self.hooks.at("repointed").await;
         let t = Instant::now();
         self.proxy.set_active(self.target.clone());
-        let config_path = self.proxy.config_path();
-        if let Some(path) = crate::state::path(&config, config_path.as_deref()) {
+        if let Some(path) = crate::state::path(&self.config, self.proxy.config_path().as_deref()) {
             if let Err(e) = crate::state::save(&path, &self.target.name) {
                 tracing::error!(file = %path.display(), error = %e, "could not record the new active backend");
             }
         }
-        self.record("repoint", t);
-
-        let t = Instant::now();
-        self.move_sessions().await;
-        self.record("move_sessions", t);
-
-        // The holds end as the gate opens: measure them now.
-        let held: Vec<Duration> = self.proxy.sessions.list().iter().filter_map(|s| s.held_since()).map(|t| t.elapsed().unwrap_or_default()).collect();
-        let paused = self.proxy.gate().resume().unwrap_or_default();
-        self.paused = false;
-        self.report.pause_ms = ms(paused);
-        self.report.held_requests = held.len() as u64;
-        self.report.longest_hold_ms = ms(held.into_iter().max().unwrap_or_default());
+        self.record(Phase::Repoint, t);
+        self.resume();
         self.report.outcome = Outcome::Committed;
-        self.proxy.set_cutover_running(false);
 
-        // After the switch, a stray write on the source must not replicate over
-        // new data on the target.
+        // Sessions adopt their prepared connections at their next request; idle ones
+        // are asked to now. Their answers make the report.
+        let t = Instant::now();
+        let moves = sessions::migrate(&self.sessions, MOVE_TIMEOUT).await;
+        self.report.sessions_moved = moves.moved;
+        self.report.sessions_closed = moves.closed.len();
+        self.report.closed = moves.closed;
+        self.report.sessions_pending = moves.pending;
+        self.record(Phase::MoveSessions, t);
+
+        // After the switch, a stray write on the source must not replicate over new
+        // data on the target.
         let t = Instant::now();
         for db in &self.databases {
-            if !db.subscription.is_empty() {
-                let sql = format!("ALTER SUBSCRIPTION {} DISABLE", crate::session::migrate::quote_ident(&db.subscription));
+            for sub in &db.subscriptions {
+                let sql = format!("ALTER SUBSCRIPTION {} DISABLE", crate::session::migrate::quote_ident(&sub.name));
                 if let Err(e) = db.dst.batch_execute(&sql).await {
-                    tracing::error!(database = %db.name, error = %e, "could not disable the subscription on the new active backend");
+                    tracing::error!(database = %db.name, subscription = %sub.name, error = %control::describe(&e), "could not disable the subscription on the new active backend");
                 }
             }
         }
-        self.record("disable_subscription", t);
-        Ok(())
+        self.record(Phase::DisableSubscriptions, t);
+        let journal = std::mem::replace(&mut self.journal, Journal::detached());
+        if let Err(e) = journal.finish("committed") {
+            tracing::error!(error = %e, "could not close the cutover journal");
+        }
     }
 
-    async fn fence_catch_up_sequences(&mut self) -> Result<(), Failure> {
-        let config = self.proxy.config();
-        let cut = &config.cutover;
-        if cut.fence_source {
-            let t = Instant::now();
-            let mut roles: Vec<String> = self.on_source().iter().map(|s| s.user.clone()).collect();
-            roles.extend(config.auth.users.iter().map(|u| u.name.clone()));
-            roles.sort();
-            roles.dedup();
-            let keep: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
-            let src = &self.databases[0].src;
-            let fenced = fence::fence(src, &roles, &keep, &self.source.config.admin_user).await;
-            match fenced {
-                Ok(f) => self.fence = Some(f),
-                Err(e) => {
-                    // Whatever part of it took effect is undone by the rollback.
-                    self.fence = Some(fence::Fence { read_only: true, roles: Vec::new(), terminated: 0 });
-                    return Err(("fence", format!("{e:#}")));
-                }
-            }
-            self.record("fence", t);
+    /// Opens the gate if this cutover closed it, and measures the holds.
+    fn resume(&mut self) {
+        self.proxy.set_logins(None);
+        if !self.paused {
+            return;
         }
-
-        let t = Instant::now();
-        let catchup_deadline = Instant::now() + cut.catchup_timeout;
-        let id = self.report.id;
-        let results = futures::future::join_all(self.databases.iter().map(|db| async move {
-            let lsn = catchup::mark(&db.src, id).await?;
-            let (after, by) = catchup::wait_replayed(&db.src, &db.dst, &db.subscription, &lsn, catchup_deadline).await?;
-            Ok::<_, anyhow::Error>(Catchup { database: db.name.clone(), subscription: db.subscription.clone(), lsn, reached_after_ms: ms(after), detected_by: by })
-        }))
-        .await;
-        for r in results {
-            self.report.catchup.push(r.map_err(fail("catchup"))?);
+        let held: Vec<Duration> = self.proxy.sessions.list().iter().filter_map(|s| s.held_since()).map(|t| t.elapsed().unwrap_or_default()).collect();
+        if let Ok(paused) = self.proxy.gate().resume_as(Owner::Cutover) {
+            self.report.pause_ms = ms(paused);
         }
-        self.record("catchup", t);
-
-        let t = Instant::now();
-        let margin = cut.sequence_margin;
-        let copied = futures::future::join_all(self.databases.iter().map(|db| sequences::copy(&db.src, &db.dst, margin))).await;
-        for c in copied {
-            self.report.sequences_copied += c.map_err(fail("sequences"))?;
-        }
-        self.record("sequences", t);
-        Ok(())
+        self.paused = false;
+        self.report.held_requests = held.len() as u64;
+        self.report.longest_hold_ms = ms(held.into_iter().max().unwrap_or_default());
     }
 
-    /// Asks every session still on the source to move, and waits for each to settle.
-    async fn move_sessions(&mut self) {
-        let sessions = self.on_source();
-        for s in &sessions {
-            s.control(Control::Migrate);
-        }
-        let tally = self.proxy.cutover_tally();
-        let deadline = Instant::now() + MOVE_TIMEOUT;
-        let live = |s: &Arc<SessionInfo>| self.proxy.sessions.list().iter().any(|x| x.id == s.id);
-        loop {
-            let pending: Vec<&Arc<SessionInfo>> = sessions.iter().filter(|s| !tally.settled(s.id) && live(s)).collect();
-            if pending.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                for s in pending {
-                    tally.closed(s.id, "did not reach an idle point in time to move".into());
-                    s.control(Control::Kill);
+    /// Leaves everything on the source: the fence undone from the journal (on fresh
+    /// connections, retried), the gate open, prepared connections closed.
+    async fn rollback(&mut self, f: Failure) -> CutoverReport {
+        tracing::warn!(phase = %f.phase, kind = f.error.kind(), reason = %f.error, "cutover failed; rolling back");
+        let mut reason = f.error.to_string();
+        let entries = self.journal.entries().to_vec();
+        let journal = std::mem::replace(&mut self.journal, Journal::detached());
+        match undo(&self.source.config, &entries, UNDO_TIMEOUT).await {
+            Ok(()) => {
+                if let Err(e) = journal.finish("rolled back") {
+                    tracing::error!(error = %e, "could not close the cutover journal");
                 }
-                break;
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            Err(e) => {
+                tracing::error!(error = %e, "UNDO FAILED: the source may still be fenced; retrying in the background, and the next start finishes it from the journal");
+                reason = format!("{reason}; and undoing the fence failed so far: {e} (retrying)");
+                let source = self.source.config.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        if undo(&source, &entries, UNDO_TIMEOUT).await.is_ok() {
+                            tracing::info!("the source's fence is undone");
+                            let _ = journal.finish("rolled back");
+                            return;
+                        }
+                    }
+                });
+            }
         }
-        let moved = tally.moved.lock().unwrap_or_else(|p| p.into_inner()).len();
-        let closed = tally.closed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        self.report.sessions_moved = moved;
-        self.report.sessions_closed = closed.len();
-        self.report.closed = closed.into_iter().map(|(id, why)| format!("session {id}: {why}")).collect();
+        self.resume();
+        sessions::discard(&self.sessions);
+        let mut report = std::mem::replace(&mut self.report, CutoverReport::new(0, "", ""));
+        report.outcome = if f.phase == Phase::Preflight { Outcome::Refused } else { Outcome::RolledBack };
+        report.failed_phase = Some(f.phase.as_str().into());
+        report.reason = Some(reason);
+        report
     }
+}
 
-    /// Leaves everything on the source: unfenced, gate open, prewarmed connections
-    /// closed.
-    async fn rollback(mut self, phase: &'static str, why: String) -> CutoverReport {
-        tracing::warn!(phase, reason = %why, "cutover failed; rolling back");
-        if let Some(f) = self.fence.take() {
-            if let Some(db) = self.databases.first() {
-                if let Err(e) = fence::unfence(&db.src, &f).await {
-                    tracing::error!(error = %format!("{e:#}"), "UNFENCE FAILED: the source may still be read-only");
-                    self.report.reason = Some(format!("{why}; and unfencing failed: {e:#}"));
+/// Undoes the fence steps in `entries` on fresh connections to the source, retried
+/// until `bound`. First ends any statement a control connection of the same cutover
+/// still runs (a predecessor that crashed, or this run's abandoned step).
+async fn undo(source: &BackendConfig, entries: &[Entry], bound: Duration) -> Result<(), CutoverError> {
+    let Some(database) = entries.iter().find_map(|e| match e {
+        Entry::ReadOnly { database, .. } | Entry::NoLogin { database, .. } => Some(database.clone()),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    let orphans = entries.iter().find_map(|e| match e {
+        Entry::Begin { application_name, .. } => Some(application_name.clone()),
+        _ => None,
+    });
+    let deadline = Instant::now() + bound;
+    let mut last = None;
+    while Instant::now() < deadline {
+        let attempt = async {
+            let c = control::connect(source, &database, "pgcutover undo").await?;
+            if let Some(name) = &orphans {
+                c.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()", &[name]).await?;
+            }
+            fence::undo(&c, entries).await
+        };
+        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)), attempt).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => last = Some(CutoverError::Timeout { what: "undoing the fence".into(), bound }),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(last.unwrap_or(CutoverError::Timeout { what: "undoing the fence".into(), bound }))
+}
+
+/// Finishes a cutover that a previous run of the proxy left unfinished (it crashed
+/// or was killed mid-cutover), before anything is served: back to the source if
+/// the repoint was not recorded, forward to the target if it was. Returns the
+/// backend to serve on.
+pub async fn recover(config: &Config, path: &std::path::Path) -> anyhow::Result<Option<String>> {
+    let Some(entries) = journal::unfinished(path)? else { return Ok(None) };
+    let Some((source, target)) = entries.iter().find_map(|e| match e {
+        Entry::Begin { source, target, .. } => Some((source.clone(), target.clone())),
+        _ => None,
+    }) else {
+        journal::remove(path)?;
+        return Ok(None);
+    };
+    let repointed = entries.iter().find_map(|e| match e {
+        Entry::Repoint { subscriptions, .. } => Some(subscriptions.clone()),
+        _ => None,
+    });
+    match repointed {
+        Some(subscriptions) => {
+            tracing::warn!(journal = %path.display(), %target, "an unfinished cutover had passed its repoint: finishing it forward");
+            if let Some(b) = config.backends.get(&target) {
+                for (db, sub) in subscriptions {
+                    let c = control::connect(b, &db, "pgcutover recover").await?;
+                    c.batch_execute(&format!("ALTER SUBSCRIPTION {} DISABLE", crate::session::migrate::quote_ident(&sub))).await?;
                 }
             }
+            journal::remove(path)?;
+            Ok(Some(target))
         }
-        // Only a pause this cutover made: an operator's PAUSE stays as it is.
-        if self.paused {
-            if let Ok(paused) = self.proxy.gate().resume() {
-                self.report.pause_ms = ms(paused);
-            }
+        None => {
+            tracing::warn!(journal = %path.display(), %source, "an unfinished cutover had not reached its repoint: undoing its fence on the source");
+            let b = config.backends.get(&source).ok_or_else(|| anyhow::anyhow!("the journal names backend {source:?}, which the configuration no longer has"))?;
+            undo(b, &entries, UNDO_TIMEOUT).await.map_err(|e| anyhow::anyhow!("cannot undo the unfinished cutover's fence on {source}: {e}; the journal {} stays", path.display()))?;
+            journal::remove(path)?;
+            Ok(Some(source))
         }
-        for s in self.proxy.sessions.list() {
-            drop(s.take_prewarmed());
-        }
-        self.report.outcome = if phase == "preflight" { Outcome::Refused } else { Outcome::RolledBack };
-        self.report.failed_phase = Some(phase.into());
-        if self.report.reason.is_none() {
-            self.report.reason = Some(why);
-        }
-        self.report
     }
 }
 
@@ -403,11 +588,13 @@ pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<p
         anyhow::bail!("no database to check: no session is open and [cutover] databases is empty");
     }
     let our_pids: Vec<i32> = proxy.sessions.list().iter().filter(|s| s.backend().target.name == source.name).map(|s| s.backend().key.pid).collect();
+    let settings = preflight::Settings::of(&config, &source.config.admin_user);
     let mut all = Vec::new();
     for db in names {
-        let src = control::connect(&source.config, &db).await?;
-        let dst = control::connect(&target.config, &db).await?;
-        all.extend(preflight::check_database(&db, &src, &dst, &our_pids, &source.config.admin_user, config.cutover.drain_timeout, config.cutover.max_lag_bytes, Some(&proxy.lag)).await?);
+        let src = control::connect(&source.config, &db, "pgcutover check").await?;
+        let dst = control::connect(&target.config, &db, "pgcutover check").await?;
+        let subs = catchup::subscriptions(&src, &dst).await?;
+        all.extend(preflight::check_database(&db, &src, &dst, &subs, &our_pids, &settings, Some(&proxy.cutover.lag)).await?);
     }
     Ok(all)
 }

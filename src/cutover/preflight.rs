@@ -6,6 +6,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::catchup::Subscription;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
     pub name: String,
@@ -37,39 +39,88 @@ fn list(rows: Vec<tokio_postgres::Row>) -> Option<String> {
     (!items.is_empty()).then(|| items.join(", "))
 }
 
-/// Checks one database. `our_pids` are the source backends of the proxy's own sessions.
+/// What the checks compare against, from the configuration.
+pub struct Settings {
+    pub admin_user: String,
+    pub drain_timeout: Duration,
+    pub max_lag: u64,
+    pub other_subscriptions: Vec<String>,
+}
+
+impl Settings {
+    pub fn of(config: &crate::config::Config, admin_user: &str) -> Settings {
+        Settings {
+            admin_user: admin_user.into(),
+            drain_timeout: config.cutover.drain_timeout,
+            max_lag: config.cutover.max_lag_bytes,
+            other_subscriptions: config.cutover.other_subscriptions.clone(),
+        }
+    }
+}
+
+/// Checks one database. `subs` are the target's subscriptions in it; `our_pids`
+/// the source backends of the proxy's own sessions.
 pub async fn check_database(
     db: &str,
     src: &Client,
     dst: &Client,
+    subs: &[Subscription],
     our_pids: &[i32],
-    admin_user: &str,
-    drain_timeout: Duration,
-    max_lag: u64,
+    settings: &Settings,
     lag_seen: Option<&std::sync::Mutex<std::collections::BTreeMap<String, i64>>>,
 ) -> anyhow::Result<Vec<Check>> {
     let mut checks = Vec::new();
-    let sub = super::catchup::subscription(dst).await?;
-    let sub_name = sub.as_ref().map(|s| s.0.clone()).unwrap_or_default();
+    for (side, c) in [("source", src), ("target", dst)] {
+        let errors = super::fence::config_errors(c).await?;
+        checks.push(Check::new(
+            format!("{db}: the {side}'s configuration files have no errors (a reload must be able to apply)"),
+            true,
+            errors,
+        ));
+    }
+    let from_source: Vec<&Subscription> = subs.iter().filter(|s| s.from_source).collect();
+    let elsewhere: Vec<String> = subs.iter().filter(|s| !s.from_source && !settings.other_subscriptions.contains(&s.name)).map(|s| s.name.clone()).collect();
     checks.push(Check::new(
-        format!("{db}: subscription on the target, enabled"),
+        format!("{db}: a subscription on the target streams from the source"),
         true,
-        match &sub {
-            None => Some("no subscription in this database on the target".into()),
-            Some((name, false)) => Some(format!("subscription {name} is disabled")),
-            Some(_) => None,
-        },
+        from_source.is_empty().then(|| "no subscription in this database on the target has its slot on the source".to_string()),
     ));
-    let worker: bool = dst.query_one("SELECT EXISTS (SELECT 1 FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL)", &[&sub_name]).await?.get(0);
-    checks.push(Check::new(format!("{db}: subscription worker running"), true, (!worker).then(|| format!("no apply worker for {sub_name}"))));
+    checks.push(Check::new(
+        format!("{db}: every subscription on the target streams from the source (or is listed in other_subscriptions)"),
+        true,
+        (!elsewhere.is_empty()).then(|| format!("{} subscribe(s) elsewhere: its slot is not on the source", elsewhere.join(", "))),
+    ));
+    let disabled: Vec<String> = from_source.iter().filter(|s| !s.enabled).map(|s| format!("subscription {} is disabled", s.name)).collect();
+    checks.push(Check::new(format!("{db}: subscriptions enabled"), true, (!disabled.is_empty()).then(|| disabled.join(", "))));
+    let oids: Vec<u32> = from_source.iter().map(|s| s.oid).collect();
+    let no_worker = dst
+        .query(
+            "SELECT s.subname::text FROM pg_subscription s WHERE s.oid = ANY($1) AND NOT EXISTS (SELECT 1 FROM pg_stat_subscription w WHERE w.subid = s.oid AND w.relid IS NULL AND w.pid IS NOT NULL)",
+            &[&oids],
+        )
+        .await?;
+    checks.push(Check::new(format!("{db}: subscription workers running"), true, list(no_worker).map(|l| format!("no apply worker for {l}"))));
     let not_ready = dst
-        .query("SELECT srrelid::regclass::text || ' (' || srsubstate::text || ')' FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.subname = $1 AND srsubstate <> 'r'", &[&sub_name])
+        .query("SELECT s.subname || ': ' || srrelid::regclass::text || ' (' || srsubstate::text || ')' FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.oid = ANY($1) AND srsubstate <> 'r'", &[&oids])
         .await?;
     checks.push(Check::new(format!("{db}: every table synchronised (state r)"), true, list(not_ready)));
     let errors = dst
-        .query("SELECT subname::text || ': ' || apply_error_count || ' apply, ' || sync_error_count || ' sync errors' FROM pg_stat_subscription_stats WHERE subname = $1 AND (apply_error_count > 0 OR sync_error_count > 0)", &[&sub_name])
+        .query(
+            "SELECT subname::text || ': ' || apply_error_count || ' apply, ' || sync_error_count || ' sync errors' FROM pg_stat_subscription_stats WHERE subid = ANY($1) AND (apply_error_count > 0 OR sync_error_count > 0)",
+            &[&oids],
+        )
         .await?;
     checks.push(Check::new(format!("{db}: no replication errors"), true, list(errors)));
+    let prepared = src.query("SELECT gid || ' (' || owner || ')' FROM pg_prepared_xacts WHERE database = current_database()", &[]).await?;
+    checks.push(Check::new(
+        format!("{db}: no prepared (two-phase) transactions on the source"),
+        true,
+        list(prepared).map(|l| format!("{l}: they would commit or roll back on the source after the switch; finish them first")),
+    ));
+    let unreadable = src
+        .query("SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences WHERE NOT has_sequence_privilege(format('%I.%I', schemaname, sequencename), 'SELECT')", &[])
+        .await?;
+    checks.push(Check::new(format!("{db}: every sequence readable by the admin user"), true, list(unreadable)));
     let no_identity = src
         .query(
             "SELECT format('%I.%I', c.relnamespace::regnamespace, c.relname) FROM pg_publication_tables pt \
@@ -94,17 +145,20 @@ pub async fn check_database(
         format!("only on the source: {only_src:?}; only on the target: {only_dst:?}")
     });
     checks.push(Check::new(format!("{db}: same tables and columns on both sides"), true, schema_diff));
+    let walsenders: Vec<i32> = from_source.iter().filter_map(|s| s.walsender).collect();
     let lag: Option<i64> = src
-        .query_one("SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::int8 FROM pg_stat_replication WHERE application_name = $1", &[&sub_name])
+        .query_one("SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::int8 FROM pg_stat_replication WHERE pid = ANY($1)", &[&walsenders])
         .await?
         .get(0);
     if let (Some(l), Some(seen)) = (lag, lag_seen) {
         seen.lock().unwrap_or_else(|p| p.into_inner()).insert(db.to_string(), l);
     }
+    let max_lag = settings.max_lag;
     checks.push(Check::new(
         format!("{db}: replication lag under {max_lag} bytes"),
         false,
         match lag {
+            _ if walsenders.len() < from_source.len() => Some("a subscription's walsender is not connected".into()),
             None => Some("the subscription's walsender is not connected".into()),
             Some(l) if l as u64 > max_lag => Some(format!("{l} bytes behind")),
             _ => None,
@@ -115,7 +169,7 @@ pub async fn check_database(
         .query(
             "SELECT coalesce(client_port, -1), usename::text || ' from ' || coalesce(client_addr::text, 'local') || ' (pid ' || pid || ')' FROM pg_stat_activity \
              WHERE backend_type = 'client backend' AND datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY($1)) AND usename <> $2",
-            &[&our_pids, &admin_user],
+            &[&our_pids, &settings.admin_user],
         )
         .await?;
     // The proxy's own connections, logging in or out included (see backend::ports).
@@ -123,7 +177,7 @@ pub async fn check_database(
     let strangers: Vec<String> = rows.iter().filter(|r| !ours.contains(&r.get::<_, i32>(0))).map(|r| r.get(1)).collect();
     let strangers = (!strangers.is_empty()).then(|| strangers.join(", "));
     checks.push(Check::new(format!("{db}: no sessions on the source bypassing the proxy"), false, strangers));
-    let secs = drain_timeout.as_secs_f64();
+    let secs = settings.drain_timeout.as_secs_f64();
     let long = src
         .query(
             "SELECT 'pid ' || pid || ' open for ' || round(extract(epoch FROM now() - xact_start)::numeric, 1) || ' s' FROM pg_stat_activity \

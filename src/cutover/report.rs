@@ -53,10 +53,19 @@ pub struct CutoverReport {
     /// From the gate closing to the gate opening.
     pub pause_ms: f64,
     pub databases: Vec<String>,
+    /// Sessions whose state was copied onto a target connection before the pause.
+    pub sessions_prepared: usize,
     pub sessions_moved: usize,
+    /// Sessions that had not said they moved when the report was written (they
+    /// move at their next request).
+    pub sessions_pending: usize,
     pub sessions_cancelled: usize,
     pub sessions_closed: usize,
     pub closed: Vec<String>,
+    /// Roles whose LOGIN the fence took on the source.
+    pub fenced_roles: Vec<String>,
+    /// Backends on the source that did not come through the proxy, terminated by the fence.
+    pub terminated: usize,
     pub held_requests: u64,
     pub longest_hold_ms: f64,
     pub sequences_copied: u64,
@@ -69,6 +78,34 @@ pub fn ms(d: Duration) -> f64 {
 }
 
 impl CutoverReport {
+    pub fn new(id: u64, from: &str, to: &str) -> CutoverReport {
+        CutoverReport {
+            id,
+            from: from.into(),
+            to: to.into(),
+            started_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            outcome: Outcome::Refused,
+            failed_phase: None,
+            reason: None,
+            phases: Vec::new(),
+            pause_ms: 0.0,
+            databases: Vec::new(),
+            sessions_prepared: 0,
+            sessions_moved: 0,
+            sessions_pending: 0,
+            sessions_cancelled: 0,
+            sessions_closed: 0,
+            closed: Vec::new(),
+            fenced_roles: Vec::new(),
+            terminated: 0,
+            held_requests: 0,
+            longest_hold_ms: 0.0,
+            sequences_copied: 0,
+            catchup: Vec::new(),
+            preflight: Vec::new(),
+        }
+    }
+
     pub fn committed(&self) -> bool {
         self.outcome == Outcome::Committed
     }
@@ -89,9 +126,13 @@ impl CutoverReport {
         }
         v.extend([
             ("databases".into(), self.databases.join(",")),
+            ("sessions_prepared".into(), self.sessions_prepared.to_string()),
             ("sessions_moved".into(), self.sessions_moved.to_string()),
+            ("sessions_pending".into(), self.sessions_pending.to_string()),
             ("sessions_cancelled".into(), self.sessions_cancelled.to_string()),
             ("sessions_closed".into(), self.sessions_closed.to_string()),
+            ("fenced_roles".into(), self.fenced_roles.join(",")),
+            ("terminated".into(), self.terminated.to_string()),
             ("held_requests".into(), self.held_requests.to_string()),
             ("longest_hold_ms".into(), format!("{:.3}", self.longest_hold_ms)),
             ("sequences_copied".into(), self.sequences_copied.to_string()),

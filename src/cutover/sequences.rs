@@ -1,34 +1,126 @@
-//! Sequences: logical replication does not copy them. One round trip per side:
-//! read every sequence's last value on the source, set them all on the target.
-//! Covers owned, standalone and identity sequences.
+//! Sequences: logical replication does not copy them.
+//!
+//! Read every sequence's position on the source, set them all on the target in one
+//! statement. Covers owned, standalone and identity sequences, ascending and
+//! descending ones, and ones never called (`is_called = false`: `pg_sequences`
+//! shows no last_value for them, so they are read from the relation itself). A
+//! sequence the admin user cannot read refuses the cutover by name, and a sequence
+//! on the target that is already past the source's position is left alone: a copy
+//! never moves a sequence backwards.
 
-use anyhow::bail;
 use tokio_postgres::Client;
 
-pub async fn copy(src: &Client, dst: &Client, margin: i64) -> anyhow::Result<u64> {
-    let row = src
-        .query_one(
-            "SELECT coalesce(array_agg(format('%I.%I', schemaname, sequencename)), '{}'), \
-                    coalesce(array_agg(last_value), '{}'), coalesce(array_agg(max_value), '{}') \
-             FROM pg_sequences WHERE last_value IS NOT NULL",
+use super::CutoverError;
+use crate::session::migrate::quote_literal;
+
+/// One sequence's position on the source, as the target should continue it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    pub name: String,
+    /// The value nextval() returns next on the target, and whether the sequence
+    /// is exhausted (then it is set to its bound, called).
+    pub value: i64,
+    pub called: bool,
+    /// For the never-backwards comparison on the target.
+    pub next: i128,
+}
+
+/// Where the target continues a sequence whose next value on the source is `next`.
+pub fn continue_at(name: &str, next: i128, increment: i64, min: i64, max: i64, margin: i64) -> Result<Position, CutoverError> {
+    let step = if increment > 0 { margin as i128 } else { -(margin as i128) };
+    let want = next + step;
+    let name = name.to_string();
+    if (min as i128..=max as i128).contains(&want) {
+        return Ok(Position { name, value: want as i64, called: false, next: want });
+    }
+    // Exhausted on the source already: the target is exhausted the same way.
+    if !(min as i128..=max as i128).contains(&next) {
+        let bound = if increment > 0 { max } else { min };
+        return Ok(Position { name, value: bound, called: true, next });
+    }
+    Err(CutoverError::Refused(format!("sequence {name}: its next value {next} moved by sequence_margin {margin} is past its bounds [{min}, {max}]")))
+}
+
+/// Reads every sequence of the source's database.
+pub async fn read(src: &Client, margin: i64) -> Result<Vec<Position>, CutoverError> {
+    let rows = src
+        .query(
+            "SELECT format('%I.%I', schemaname, sequencename), increment_by, min_value, max_value, last_value, \
+                    has_sequence_privilege(format('%I.%I', schemaname, sequencename), 'SELECT') \
+             FROM pg_sequences ORDER BY 1",
             &[],
         )
         .await?;
-    let names: Vec<String> = row.get(0);
-    let values: Vec<i64> = row.get(1);
-    let maxes: Vec<i64> = row.get(2);
-    for ((name, value), max) in names.iter().zip(&values).zip(&maxes) {
-        match value.checked_add(margin) {
-            Some(v) if v <= *max => {}
-            _ => bail!("sequence {name}: {value} + sequence_margin {margin} is past its max_value {max}"),
+    let unreadable: Vec<String> = rows.iter().filter(|r| !r.get::<_, bool>(5)).map(|r| r.get(0)).collect();
+    if !unreadable.is_empty() {
+        return Err(CutoverError::Refused(format!("the admin user cannot read these sequences on the source, so they cannot be copied: {}", unreadable.join(", "))));
+    }
+    // Never called: last_value NULL in the view; the relation has the raw value.
+    let never: Vec<String> = rows.iter().filter(|r| r.get::<_, Option<i64>>(4).is_none()).map(|r| r.get(0)).collect();
+    let mut raw = std::collections::HashMap::new();
+    if !never.is_empty() {
+        let sql: Vec<String> = never.iter().map(|n| format!("SELECT {}::text, last_value, is_called FROM {n}", quote_literal(n))).collect();
+        for r in src.query(&sql.join(" UNION ALL "), &[]).await? {
+            raw.insert(r.get::<_, String>(0), (r.get::<_, i64>(1), r.get::<_, bool>(2)));
         }
     }
-    if names.is_empty() {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let name: String = r.get(0);
+        let (inc, min, max): (i64, i64, i64) = (r.get(1), r.get(2), r.get(3));
+        let next = match r.get::<_, Option<i64>>(4) {
+            Some(v) => v as i128 + inc as i128,
+            None => match raw.get(&name) {
+                Some((v, true)) => *v as i128 + inc as i128,
+                Some((v, false)) => *v as i128,
+                None => return Err(CutoverError::Database(format!("sequence {name} vanished while it was read"))),
+            },
+        };
+        out.push(continue_at(&name, next, inc, min, max, margin)?);
+    }
+    Ok(out)
+}
+
+/// Sets `positions` on the target in one statement; returns how many were set (a
+/// sequence already at or past its position is left alone).
+pub async fn apply(dst: &Client, positions: &[Position]) -> Result<u64, CutoverError> {
+    if positions.is_empty() {
         return Ok(0);
     }
-    let set: i64 = dst
-        .query_one("SELECT count(setval(s::regclass, v + $3, true)) FROM unnest($1::text[], $2::int8[]) t(s, v)", &[&names, &values, &margin])
-        .await?
-        .get(0);
-    Ok(set as u64)
+    let names: Vec<&str> = positions.iter().map(|p| p.name.as_str()).collect();
+    let values: Vec<i64> = positions.iter().map(|p| p.value).collect();
+    let called: Vec<bool> = positions.iter().map(|p| p.called).collect();
+    let next: Vec<String> = positions.iter().map(|p| p.next.to_string()).collect();
+    let row = dst
+        .query_one(
+            "WITH t AS (SELECT * FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[]) t(s, v, called, next)), \
+             m AS (SELECT t.*, q.increment_by AS inc, coalesce(q.last_value::numeric + q.increment_by, q.start_value) AS here \
+                   FROM t LEFT JOIN pg_sequences q ON format('%I.%I', q.schemaname, q.sequencename) = t.s) \
+             SELECT coalesce(array_agg(s) FILTER (WHERE inc IS NULL), '{}'), \
+                    count(setval(s::regclass, v, called)) FILTER (WHERE inc IS NOT NULL AND ((inc > 0 AND here < next::numeric) OR (inc < 0 AND here > next::numeric))) \
+             FROM m",
+            &[&names, &values, &called, &next],
+        )
+        .await?;
+    let missing: Vec<String> = row.get(0);
+    if !missing.is_empty() {
+        return Err(CutoverError::Refused(format!("sequences missing on the target: {}", missing.join(", "))));
+    }
+    Ok(row.get::<_, i64>(1) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ascending_descending_and_exhausted_sequences_continue_where_they_should() {
+        let p = continue_at("a", 11, 1, 1, 100, 5).unwrap();
+        assert_eq!((p.value, p.called), (16, false));
+        let p = continue_at("d", -11, -1, -100, -1, 5).unwrap();
+        assert_eq!((p.value, p.called), (-16, false), "a descending sequence moves down by the margin");
+        let p = continue_at("x", 101, 1, 1, 100, 0).unwrap();
+        assert_eq!((p.value, p.called), (100, true), "exhausted stays exhausted");
+        assert!(continue_at("m", 99, 1, 1, 100, 5).is_err(), "the margin may not push a sequence past its bound");
+    }
 }

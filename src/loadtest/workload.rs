@@ -34,7 +34,7 @@ impl Workload {
             "select" => Ok(Workload::Select),
             path => {
                 let sql = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--workload {path}: {e}"))?;
-                let statements: Vec<String> = crate::session::migrate::split_statements(&sql).into_iter().map(str::to_owned).collect();
+                let statements: Vec<String> = crate::session::migrate::split_statements(sql.as_bytes()).into_iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect();
                 if statements.is_empty() {
                     anyhow::bail!("--workload {path}: no statements");
                 }

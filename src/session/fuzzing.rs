@@ -61,6 +61,8 @@ pub async fn relay_bytes(client: &[u8], backend: &[u8]) -> std::io::Result<(Vec<
                 Event::End(end) => return format!("{end:?}"),
                 Event::Hold => relay.holding = false,
                 Event::Ready => relay.want = Default::default(),
+                // No other backend here: the session stays where it is.
+                Event::Reroute => relay.route_seen = relay.gate.route(),
             }
         }
     })

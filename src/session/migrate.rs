@@ -1,10 +1,18 @@
 //! Moving a session to another backend without its client noticing.
 //!
-//! At the switch the session is idle (held at the gate). One query on its old
-//! backend reads back everything the client relies on — parameters it SET, prepared
-//! statements (SQL-level and protocol-level), LISTEN channels — and whatever cannot
-//! move (temporary tables, WITH HOLD cursors, session advisory locks). One pipelined
-//! round trip replays it on the new, already logged-in backend.
+//! The session is idle when its state is read: one query on its backend reads back
+//! everything the client relies on — its session user and role, the settings it SET
+//! (custom dotted ones by the names learned from its statements), prepared
+//! statements (SQL-level and protocol-level, with parameter types by name) and LISTEN
+//! channels — and whatever cannot move (temporary tables, WITH HOLD cursors, session
+//! advisory locks). One or two pipelined round trips replay it on the new, already
+//! logged-in backend, and one more reads it back there: a session whose state is not
+//! reproduced exactly does not move.
+//!
+//! Texts are kept as the bytes the backend sent, in the session's own
+//! client_encoding, and written back as such on a connection with the same
+//! encoding: nothing is decoded as UTF-8. Literals are dollar-quoted, which no
+//! server-side encoding's bytes and no `standard_conforming_strings` can break.
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -21,6 +29,8 @@ pub enum MigrateError {
     Backend { code: String, message: String },
     #[error("this session holds {0}, which cannot move to another server")]
     Unmovable(String),
+    #[error("its state could not be reproduced on the new server exactly ({0})")]
+    Differs(String),
 }
 
 impl From<std::io::Error> for MigrateError {
@@ -35,44 +45,78 @@ impl From<ReadError> for MigrateError {
     }
 }
 
+/// Text as the backend sent it, in the session's client_encoding.
+pub type Text = Vec<u8>;
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SessionState {
-    pub settings: Vec<(String, String)>,
+    /// `session_user` (SET SESSION AUTHORIZATION changes it).
+    pub session_user: Text,
+    /// `current_setting('role')`: `none`, or the role SET ROLE chose.
+    pub role: Text,
+    /// Settings whose source is the session, from pg_settings (sorted by name).
+    pub settings: Vec<(Text, Text)>,
+    /// Custom dotted settings by the names learned from the session's statements.
+    pub custom: Vec<(Text, Text)>,
     pub prepared: Vec<Prepared>,
-    pub channels: Vec<String>,
+    pub channels: Vec<Text>,
     pub unmovable: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
-    pub name: String,
-    pub statement: String,
+    pub name: Text,
+    pub statement: Text,
     /// Parameter type OIDs, as the old backend resolved them.
     pub param_types: Vec<u32>,
+    /// The same types by name (`regtype` output under the session's search_path).
+    pub type_names: Vec<Text>,
     /// Created with SQL PREPARE (its text is the whole PREPARE statement).
     pub from_sql: bool,
 }
 
-const READ_BACK: &str = "\
-SELECT 'set', name, setting, NULL, NULL FROM pg_settings WHERE source = 'session' \
-UNION ALL SELECT 'prepared', name, statement, parameter_types::oid[]::text, from_sql::text FROM pg_prepared_statements \
-UNION ALL SELECT 'listen', c, NULL, NULL, NULL FROM pg_listening_channels() c \
-UNION ALL SELECT 'unmovable', 'temporary tables', NULL, NULL, NULL FROM pg_class WHERE relnamespace = pg_my_temp_schema() HAVING count(*) > 0 \
-UNION ALL SELECT 'unmovable', 'WITH HOLD cursors', NULL, NULL, NULL FROM pg_cursors WHERE is_holdable HAVING count(*) > 0 \
-UNION ALL SELECT 'unmovable', 'session advisory locks', NULL, NULL, NULL FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() HAVING count(*) > 0";
+/// Types up to here are built in: the same OID on every cluster.
+const FIRST_NORMAL_OID: u32 = 16384;
+
+fn read_back(custom: &[Box<str>]) -> Vec<u8> {
+    let mut sql = b"SELECT 'who', session_user::text, current_setting('role'), NULL, NULL, NULL \
+UNION ALL SELECT 'set', name, setting, NULL, NULL, NULL FROM pg_settings WHERE source = 'session' \
+UNION ALL SELECT 'prepared', name, statement, parameter_types::oid[]::text, from_sql::text, parameter_types::regtype[]::text FROM pg_prepared_statements \
+UNION ALL SELECT 'listen', c, NULL, NULL, NULL, NULL FROM pg_listening_channels() c \
+UNION ALL SELECT 'unmovable', 'temporary tables', NULL, NULL, NULL, NULL FROM pg_class WHERE relnamespace = pg_my_temp_schema() HAVING count(*) > 0 \
+UNION ALL SELECT 'unmovable', 'WITH HOLD cursors', NULL, NULL, NULL, NULL FROM pg_cursors WHERE is_holdable HAVING count(*) > 0 \
+UNION ALL SELECT 'unmovable', 'session advisory locks', NULL, NULL, NULL, NULL FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() HAVING count(*) > 0"
+        .to_vec();
+    if !custom.is_empty() {
+        sql.extend_from_slice(b" UNION ALL SELECT 'custom', n, current_setting(n, true), NULL, NULL, NULL FROM unnest(ARRAY[");
+        for (i, name) in custom.iter().enumerate() {
+            if i > 0 {
+                sql.push(b',');
+            }
+            sql.extend(literal(name.as_bytes()));
+        }
+        sql.extend_from_slice(b"]::text[]) n WHERE current_setting(n, true) IS NOT NULL");
+    }
+    sql
+}
 
 /// Messages the backend sent on its own while we asked (NotificationResponse,
 /// NoticeResponse, ParameterStatus): they belong to the client.
 pub type Async = Vec<BytesMut>;
 
-type Row = Vec<Option<String>>;
+type Row = Vec<Option<Text>>;
+
+fn query_message(out: &mut BytesMut, sql: &[u8]) {
+    let mut body = Vec::with_capacity(sql.len() + 1);
+    body.extend_from_slice(sql);
+    body.push(0);
+    write::frontend_message(out, b'Q', &body);
+}
 
 /// Runs one simple query and collects its rows, or the first error.
 pub async fn simple_query(stream: &mut Stream, sql: &str, asynchronous: &mut Async) -> Result<Vec<Row>, MigrateError> {
     let mut q = BytesMut::new();
-    let mut body = sql.as_bytes().to_vec();
-    body.push(0);
-    write::frontend_message(&mut q, b'Q', &body);
+    query_message(&mut q, sql.as_bytes());
     stream.write_all(&q).await?;
     collect(stream, asynchronous, 1).await
 }
@@ -98,8 +142,7 @@ async fn collect(stream: &mut Stream, asynchronous: &mut Async, mut readies: usi
                     if len < 0 {
                         row.push(None);
                     } else if len as usize <= body.len() {
-                        let v = body.split_to(len as usize);
-                        row.push(Some(String::from_utf8_lossy(&v).into_owned()));
+                        row.push(Some(body.split_to(len as usize).to_vec()));
                     } else {
                         return Err(MigrateError::Io("short DataRow".into()));
                     }
@@ -126,29 +169,87 @@ async fn collect(stream: &mut Stream, asynchronous: &mut Async, mut readies: usi
     }
 }
 
-fn parse_oids(text: &str) -> Vec<u32> {
-    text.trim_matches(|c| c == '{' || c == '}').split(',').filter_map(|s| s.trim().parse().ok()).collect()
+fn parse_oids(text: &[u8]) -> Vec<u32> {
+    array_elements(text).iter().filter_map(|s| std::str::from_utf8(s).ok()?.trim().parse().ok()).collect()
 }
 
-/// Reads back what the session relies on from its (idle) backend.
-pub async fn read_state(stream: &mut Stream, asynchronous: &mut Async) -> Result<SessionState, MigrateError> {
+/// The elements of a one-dimensional array's text output (`{a,"b c"}`).
+fn array_elements(text: &[u8]) -> Vec<Text> {
+    let inner = text.strip_prefix(b"{").and_then(|t| t.strip_suffix(b"}")).unwrap_or(text);
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let (mut quoted, mut escaped, mut any) = (false, false, false);
+    for &b in inner {
+        any = true;
+        match b {
+            _ if escaped => {
+                cur.push(b);
+                escaped = false;
+            }
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b',' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(b),
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+/// Reads back what the session relies on from its (idle) backend; `custom` are the
+/// dotted setting names learned from its statements.
+pub async fn read_state(stream: &mut Stream, custom: &[Box<str>], asynchronous: &mut Async) -> Result<SessionState, MigrateError> {
+    let mut q = BytesMut::new();
+    query_message(&mut q, &read_back(custom));
+    stream.write_all(&q).await?;
     let mut state = SessionState::default();
-    for row in simple_query(stream, READ_BACK, asynchronous).await? {
+    for row in collect(stream, asynchronous, 1).await? {
         let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        match field(0).as_str() {
-            "set" => state.settings.push((field(1), field(2))),
-            "prepared" => state.prepared.push(Prepared {
+        match field(0).as_slice() {
+            b"who" => {
+                state.session_user = field(1);
+                state.role = field(2);
+            }
+            b"set" => state.settings.push((field(1), field(2))),
+            b"custom" => state.custom.push((field(1), field(2))),
+            b"prepared" => state.prepared.push(Prepared {
                 name: field(1),
                 statement: field(2),
                 param_types: parse_oids(&field(3)),
-                from_sql: field(4) == "true",
+                from_sql: field(4) == b"true",
+                type_names: array_elements(&field(5)),
             }),
-            "listen" => state.channels.push(field(1)),
-            "unmovable" => state.unmovable.push(field(1)),
+            b"listen" => state.channels.push(field(1)),
+            b"unmovable" => state.unmovable.push(String::from_utf8_lossy(&field(1)).into_owned()),
             _ => {}
         }
     }
+    state.settings.sort();
+    state.custom.sort();
+    state.prepared.sort_by(|a, b| a.name.cmp(&b.name));
+    state.channels.sort();
     Ok(state)
+}
+
+/// A string literal in dollar quotes, whatever bytes it holds: the tag is one that
+/// first occurs, in the value followed by the tag, at its end.
+pub fn literal(v: &[u8]) -> Vec<u8> {
+    let mut n = 0;
+    let tag = loop {
+        let tag = if n == 0 { b"$pgc$".to_vec() } else { format!("$pgc{n}$").into_bytes() };
+        let mut probe = v.to_vec();
+        probe.extend_from_slice(&tag);
+        if probe.windows(tag.len()).position(|w| w == tag.as_slice()) == Some(v.len()) {
+            break tag;
+        }
+        n += 1;
+    };
+    let mut out = tag.clone();
+    out.extend_from_slice(v);
+    out.extend_from_slice(&tag);
+    out
 }
 
 /// A string literal, safe whatever `standard_conforming_strings` says.
@@ -164,53 +265,123 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Replays `state` on a new backend in one pipelined round trip: one simple query
-/// for settings, SQL-level statements and LISTENs, Parse messages for
-/// protocol-level statements, one Sync.
-pub async fn replay(stream: &mut Stream, state: &SessionState, asynchronous: &mut Async) -> Result<(), MigrateError> {
+fn ident(v: &[u8]) -> Vec<u8> {
+    let mut out = vec![b'"'];
+    for &b in v {
+        if b == b'"' {
+            out.push(b'"');
+        }
+        out.push(b);
+    }
+    out.push(b'"');
+    out
+}
+
+/// Replays `state` on a new backend whose login user is `login_user`:
+/// - a Query with the session authorization and every setting (first, and on its
+///   own, so that a client_encoding it sets applies to what follows);
+/// - a Query with the SQL-level PREPAREs and the LISTENs, and the lookup of
+///   parameter types that are not built in, by name;
+/// - Parse messages for the protocol-level statements and a Sync;
+/// - SET ROLE last (it may drop privileges the steps before need).
+///
+/// Two round trips when a statement has a type that is not built in (its OID is
+/// looked up on the new server first), else one.
+pub async fn replay(stream: &mut Stream, state: &SessionState, login_user: &[u8], asynchronous: &mut Async) -> Result<(), MigrateError> {
     if !state.unmovable.is_empty() {
         return Err(MigrateError::Unmovable(state.unmovable.join(", ")));
     }
-    let mut sql = String::new();
-    for (name, value) in &state.settings {
-        sql.push_str(&format!("SELECT set_config({}, {}, false);", quote_literal(name), quote_literal(value)));
+    let mut first = Vec::new();
+    if !state.session_user.is_empty() && state.session_user != login_user {
+        first.extend_from_slice(b"SET SESSION AUTHORIZATION ");
+        first.extend(ident(&state.session_user));
+        first.push(b';');
     }
+    for (name, value) in state.settings.iter().chain(&state.custom) {
+        first.extend_from_slice(b"SELECT set_config(");
+        first.extend(literal(name));
+        first.push(b',');
+        first.extend(literal(value));
+        first.extend_from_slice(b", false);");
+    }
+    let mut second = Vec::new();
     for p in state.prepared.iter().filter(|p| p.from_sql) {
         // The text is the client's whole query string: replay only its PREPARE, or
         // the other statements in it would run again.
-        let prepare = split_statements(&p.statement).into_iter().find(|s| prepares(s, &p.name));
-        let Some(prepare) = prepare else {
-            return Err(MigrateError::Unmovable(format!("prepared statement {} (its PREPARE cannot be found again)", quote_ident(&p.name))));
+        let Some(prepare) = split_statements(&p.statement).into_iter().find(|s| prepares(s, &p.name)) else {
+            return Err(MigrateError::Unmovable(format!("prepared statement {} (its PREPARE cannot be found again)", String::from_utf8_lossy(&ident(&p.name)))));
         };
-        sql.push_str(prepare);
-        sql.push(';');
+        second.extend_from_slice(prepare);
+        second.push(b';');
     }
     for c in &state.channels {
-        sql.push_str(&format!("LISTEN {};", quote_ident(c)));
+        second.extend_from_slice(b"LISTEN ");
+        second.extend(ident(c));
+        second.push(b';');
+    }
+    let protocol: Vec<&Prepared> = state.prepared.iter().filter(|p| !p.from_sql).collect();
+    let mut custom_types: Vec<&Text> = Vec::new();
+    for p in &protocol {
+        for (oid, name) in p.param_types.iter().zip(&p.type_names) {
+            if *oid >= FIRST_NORMAL_OID && !custom_types.contains(&name) {
+                custom_types.push(name);
+            }
+        }
     }
     let mut out = BytesMut::new();
     let mut readies = 0;
-    if !sql.is_empty() {
-        let mut body = sql.into_bytes();
-        body.push(0);
-        write::frontend_message(&mut out, b'Q', &body);
-        readies += 1;
+    for sql in [&first, &second] {
+        if !sql.is_empty() {
+            query_message(&mut out, sql);
+            readies += 1;
+        }
     }
-    let protocol: Vec<&Prepared> = state.prepared.iter().filter(|p| !p.from_sql).collect();
+    let mut oids = std::collections::HashMap::new();
+    if !custom_types.is_empty() {
+        let mut q = b"SELECT n, n::regtype::oid::text FROM unnest(ARRAY[".to_vec();
+        for (i, t) in custom_types.iter().enumerate() {
+            if i > 0 {
+                q.push(b',');
+            }
+            q.extend(literal(t));
+        }
+        q.extend_from_slice(b"]::text[]) n");
+        query_message(&mut out, &q);
+        stream.write_all(&out).await?;
+        out.clear();
+        for row in collect(stream, asynchronous, readies + 1).await? {
+            if let [Some(name), Some(oid)] = row.as_slice() {
+                if let Some(oid) = std::str::from_utf8(oid).ok().and_then(|o| o.parse::<u32>().ok()) {
+                    oids.insert(name.clone(), oid);
+                }
+            }
+        }
+        readies = 0;
+    }
     if !protocol.is_empty() {
         for p in protocol {
             let mut body = Vec::with_capacity(p.name.len() + p.statement.len() + 4 + 4 * p.param_types.len());
-            body.extend_from_slice(p.name.as_bytes());
+            body.extend_from_slice(&p.name);
             body.push(0);
-            body.extend_from_slice(p.statement.as_bytes());
+            body.extend_from_slice(&p.statement);
             body.push(0);
             body.extend_from_slice(&(p.param_types.len() as u16).to_be_bytes());
-            for oid in &p.param_types {
+            for (i, oid) in p.param_types.iter().enumerate() {
+                let oid = match p.type_names.get(i) {
+                    Some(name) if *oid >= FIRST_NORMAL_OID => *oids.get(name).ok_or_else(|| MigrateError::Differs(format!("type {} is missing on the new server", String::from_utf8_lossy(name))))?,
+                    _ => *oid,
+                };
                 body.extend_from_slice(&oid.to_be_bytes());
             }
             write::frontend_message(&mut out, b'P', &body);
         }
         write::frontend_message(&mut out, b'S', &[]);
+        readies += 1;
+    }
+    if state.role != b"none" && !state.role.is_empty() {
+        let mut q = b"SET ROLE ".to_vec();
+        q.extend(ident(&state.role));
+        query_message(&mut out, &q);
         readies += 1;
     }
     if readies == 0 {
@@ -220,10 +391,41 @@ pub async fn replay(stream: &mut Stream, state: &SessionState, asynchronous: &mu
     collect(stream, asynchronous, readies).await.map(|_| ())
 }
 
+/// What differs between the state read on the old backend and the one read back on
+/// the new one after the replay, if anything. SQL-level statements are compared by
+/// name and parameter types (their text is the query string that created them).
+pub fn differences(old: &SessionState, new: &SessionState) -> Option<String> {
+    let show = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    let mut diffs = Vec::new();
+    if old.session_user != new.session_user {
+        diffs.push(format!("session user {} became {}", show(&old.session_user), show(&new.session_user)));
+    }
+    if old.role != new.role {
+        diffs.push(format!("role {} became {}", show(&old.role), show(&new.role)));
+    }
+    for (label, a, b) in [("setting", &old.settings, &new.settings), ("custom setting", &old.custom, &new.custom)] {
+        for (name, value) in a {
+            if !b.iter().any(|(n, v)| n == name && v == value) {
+                diffs.push(format!("{label} {} = {:?} is not set", show(name), show(value)));
+            }
+        }
+    }
+    let key = |p: &Prepared| (p.name.clone(), p.type_names.clone(), p.from_sql, if p.from_sql { Vec::new() } else { p.statement.clone() });
+    let a: Vec<_> = old.prepared.iter().map(key).collect();
+    let b: Vec<_> = new.prepared.iter().map(key).collect();
+    if a != b {
+        diffs.push("prepared statements differ".into());
+    }
+    if old.channels != new.channels {
+        diffs.push("LISTEN channels differ".into());
+    }
+    (!diffs.is_empty()).then(|| diffs.join("; "))
+}
+
 /// Splits SQL text at top-level semicolons, skipping quoted strings, quoted
 /// identifiers, dollar quotes and comments.
-pub fn split_statements(sql: &str) -> Vec<&str> {
-    let b = sql.as_bytes();
+pub fn split_statements(sql: &[u8]) -> Vec<&[u8]> {
+    let b = sql;
     let mut out = Vec::new();
     let (mut i, mut start) = (0, 0);
     while i < b.len() {
@@ -277,7 +479,7 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
                 match tag_end {
                     Some(e) if b[e] == b'$' && !b[i + 1..e].first().is_some_and(u8::is_ascii_digit) => {
                         let tag = &sql[i..=e];
-                        match sql[e + 1..].find(tag) {
+                        match sql[e + 1..].windows(tag.len()).position(|w| w == tag) {
                             Some(close) => i = e + 1 + close + tag.len(),
                             None => i = b.len(),
                         }
@@ -286,43 +488,43 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
                 }
             }
             b';' => {
-                out.push(sql[start..i].trim());
+                out.push(sql[start..i].trim_ascii());
                 i += 1;
                 start = i;
             }
             _ => i += 1,
         }
     }
-    out.push(sql[start..].trim());
+    out.push(sql[start..].trim_ascii());
     out.retain(|s| !s.is_empty());
     out
 }
 
 /// Is `stmt` a `PREPARE name ...` of the statement called `name`?
-fn prepares(stmt: &str, name: &str) -> bool {
+fn prepares(stmt: &[u8], name: &[u8]) -> bool {
     let rest = match stmt.get(..7) {
-        Some(kw) if kw.eq_ignore_ascii_case("prepare") => stmt[7..].trim_start(),
+        Some(kw) if kw.eq_ignore_ascii_case(b"prepare") => stmt[7..].trim_ascii_start(),
         _ => return false,
     };
-    if let Some(quoted) = rest.strip_prefix('"') {
-        let mut ident = String::new();
-        let mut chars = quoted.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == '"' {
-                if chars.peek() == Some(&'"') {
-                    chars.next();
-                    ident.push('"');
-                } else {
-                    return ident == name;
+    if let Some(quoted) = rest.strip_prefix(b"\"") {
+        let mut ident = Vec::new();
+        let mut i = 0;
+        while i < quoted.len() {
+            if quoted[i] == b'"' {
+                if quoted.get(i + 1) == Some(&b'"') {
+                    ident.push(b'"');
+                    i += 2;
+                    continue;
                 }
-            } else {
-                ident.push(c);
+                return ident == name;
             }
+            ident.push(quoted[i]);
+            i += 1;
         }
         false
     } else {
-        let word: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '$').collect();
-        word.to_lowercase() == name
+        let word: Vec<u8> = rest.iter().take_while(|c| c.is_ascii_alphanumeric() || **c == b'_' || **c == b'$' || **c >= 0x80).map(u8::to_ascii_lowercase).collect();
+        word == name
     }
 }
 
@@ -335,28 +537,33 @@ mod tests {
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_literal(r"C:\dir"), r"E'C:\\dir'");
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(literal(b"a'b\\c"), b"$pgc$a'b\\c$pgc$".to_vec());
+        assert_eq!(literal(b"x$pgc"), b"$pgc1$x$pgc$pgc1$".to_vec(), "the tag never closes early");
+        assert_eq!(literal(b"$pgc$"), b"$pgc1$$pgc$$pgc1$".to_vec());
+        assert_eq!(ident(b"we\"ird"), b"\"we\"\"ird\"".to_vec());
     }
 
     #[test]
     fn statements_split_at_top_level_semicolons_only() {
-        let sql = "SET a = 'x;y'; PREPARE p AS SELECT $$;$$ -- ;\n ; /* ; */ LISTEN \"c;d\"";
-        assert_eq!(split_statements(sql), vec!["SET a = 'x;y'", "PREPARE p AS SELECT $$;$$ -- ;", "/* ; */ LISTEN \"c;d\""]);
-        assert_eq!(split_statements("SELECT E'a\\';b'; SELECT 2"), vec!["SELECT E'a\\';b'", "SELECT 2"]);
+        let sql = b"SET a = 'x;y'; PREPARE p AS SELECT $$;$$ -- ;\n ; /* ; */ LISTEN \"c;d\"";
+        assert_eq!(split_statements(sql), vec![&b"SET a = 'x;y'"[..], b"PREPARE p AS SELECT $$;$$ -- ;", b"/* ; */ LISTEN \"c;d\""]);
+        assert_eq!(split_statements(b"SELECT E'a\\';b'; SELECT 2"), vec![&b"SELECT E'a\\';b'"[..], b"SELECT 2"]);
     }
 
     #[test]
     fn the_prepare_of_a_statement_is_found_among_others() {
-        let text = "SET work_mem = '7MB'; PREPARE plus_one (int) AS SELECT $1 + 1; LISTEN news";
-        let found = split_statements(text).into_iter().find(|s| prepares(s, "plus_one"));
-        assert_eq!(found, Some("PREPARE plus_one (int) AS SELECT $1 + 1"));
-        assert!(prepares("prepare \"Mixed\"\"Case\" AS SELECT 1", "Mixed\"Case"));
-        assert!(prepares("PREPARE Upper AS SELECT 1", "upper"));
-        assert!(!prepares("PREPARE other AS SELECT 1", "plus_one"));
+        let text = b"SET work_mem = '7MB'; PREPARE plus_one (int) AS SELECT $1 + 1; LISTEN news";
+        let found = split_statements(text).into_iter().find(|s| prepares(s, b"plus_one"));
+        assert_eq!(found, Some(&b"PREPARE plus_one (int) AS SELECT $1 + 1"[..]));
+        assert!(prepares(b"prepare \"Mixed\"\"Case\" AS SELECT 1", b"Mixed\"Case"));
+        assert!(prepares(b"PREPARE Upper AS SELECT 1", b"upper"));
+        assert!(!prepares(b"PREPARE other AS SELECT 1", b"plus_one"));
     }
 
     #[test]
-    fn oid_arrays_parse() {
-        assert_eq!(parse_oids("{23,25}"), vec![23, 25]);
-        assert_eq!(parse_oids("{}"), Vec::<u32>::new());
+    fn arrays_of_oids_and_type_names_parse() {
+        assert_eq!(parse_oids(b"{23,25}"), vec![23, 25]);
+        assert_eq!(parse_oids(b"{}"), Vec::<u32>::new());
+        assert_eq!(array_elements(b"{integer,\"character varying\",\"a\\\"b\"}"), vec![b"integer".to_vec(), b"character varying".to_vec(), b"a\"b".to_vec()]);
     }
 }

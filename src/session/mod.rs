@@ -5,6 +5,7 @@
 pub mod buffer;
 pub mod ended;
 pub mod fuzzing;
+mod learn;
 mod io;
 pub mod migrate;
 pub mod params;
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::backend::{BackendConn, BackendTarget};
 use crate::client::Login;
@@ -25,7 +26,7 @@ use crate::net::Stream;
 use crate::protocol::{sqlstate, write, PgError};
 use crate::server::Proxy;
 use ended::Ended;
-use registry::{BackendLink, Control, NewSession, Prepared, Prewarmed, SessionInfo};
+use registry::{BackendLink, Control, Moved, NewSession, Prewarmed, SessionInfo};
 use relay::{BackendSide, End, Event, Relay};
 
 /// Writes a FATAL error to a client and closes it, best effort.
@@ -52,14 +53,21 @@ pub async fn run(proxy: Arc<Proxy>, login: Login) {
 /// Connects the backend, registers the session and introduces the backend to the
 /// client. None if the session ends before it starts.
 async fn start(proxy: Arc<Proxy>, mut login: Login) -> Option<(Session, registry::SessionGuard, tokio::sync::OwnedSemaphorePermit)> {
-    // During a cutover a new session waits for it to end, then logs in wherever
-    // the traffic goes: the source may be fenced by now.
-    if proxy.cutover_running() {
-        let mut open = proxy.gate().subscribe();
-        let _ = open.wait_for(|o| *o).await;
+    // During a cutover's pause a new session logs in where the cutover goes (the
+    // source is being fenced): its login completes and its first request holds at
+    // the gate like any other; if the cutover rolls back, that request moves it to
+    // the source first. A login that raced the fence is tried again there.
+    let route = proxy.gate().route();
+    let mut target = proxy.login_backend();
+    let mut conn = target.connect(&login.startup.params, &login.creds).await;
+    if conn.is_err() {
+        let now = proxy.login_backend();
+        if now.name != target.name {
+            target = now;
+            conn = target.connect(&login.startup.params, &login.creds).await;
+        }
     }
-    let target = proxy.active_backend();
-    let conn = match target.connect(&login.startup.params, &login.creds).await {
+    let conn = match conn {
         Ok(c) => c,
         Err(crate::backend::BackendError::Refused { frame, message }) => {
             tracing::info!(user = %login.startup.user(), backend = %target.name, %message, "backend refused login");
@@ -99,9 +107,12 @@ async fn start(proxy: Arc<Proxy>, mut login: Login) -> Option<(Session, registry
     }
 
     let limit = proxy.config().proxy.max_message_size;
-    let backend = BackendSide { stream: conn.stream, target, key: conn.key, port: conn.port };
+    let backend = BackendSide { stream: conn.stream, target: target.clone(), key: conn.key, port: conn.port };
     let relay = Relay::new(info.clone(), proxy.gate().clone(), login.stream, backend, limit, conn.ready_status, &conn.params);
-    let mut session = Session { gate_rx: proxy.gate().subscribe(), proxy, relay, control };
+    let mut relay = relay;
+    // On the active backend as of `route`; else its first request looks again.
+    relay.route_seen = if target.name == proxy.active_backend().name { route } else { 0 };
+    let mut session = Session { gate_rx: proxy.gate().subscribe(), proxy, relay, control, prewarmed: None, prepare_reply: None, migrate_reply: None };
     if session.proxy.is_shutting_down() {
         session.relay.want.shutdown = true;
     }
@@ -114,6 +125,12 @@ struct Session {
     relay: Relay,
     control: mpsc::UnboundedReceiver<Control>,
     gate_rx: watch::Receiver<bool>,
+    /// A connection to a cutover's target, maybe with the session's state on it.
+    prewarmed: Option<Box<Prewarmed>>,
+    /// Who waits to hear that the state was copied onto `prewarmed`.
+    prepare_reply: Option<oneshot::Sender<Result<(), String>>>,
+    /// Who waits to hear that the session runs on the active backend.
+    migrate_reply: Option<oneshot::Sender<Moved>>,
 }
 
 enum Step {
@@ -156,8 +173,21 @@ impl Session {
                         tokio::spawn(async move { target.cancel(key).await });
                     }
                 }
-                Step::Control(Control::Migrate) => self.relay.want.migrate = true,
-                Step::Control(Control::Prepare) => self.relay.want.prepare = true,
+                Step::Control(Control::Prepare(conn, reply)) => {
+                    self.discard();
+                    self.prewarmed = Some(conn);
+                    self.prepare_reply = Some(reply);
+                    self.relay.want.prepare = true;
+                }
+                Step::Control(Control::Discard) => self.discard(),
+                Step::Control(Control::Migrate(reply)) => {
+                    if self.proxy.active_backend().name == self.relay.backend.target.name {
+                        let _ = reply.send(Moved::Moved);
+                    } else {
+                        self.migrate_reply = Some(reply);
+                        self.relay.want.migrate = true;
+                    }
+                }
                 Step::GateChanged => {
                     if *self.gate_rx.borrow_and_update() {
                         self.release();
@@ -183,9 +213,14 @@ impl Session {
                     }
                     if self.relay.want.migrate {
                         self.relay.want.migrate = false;
-                        if let Err(end) = Box::pin(self.migrate()).await {
+                        if let Err(end) = Box::pin(self.reroute()).await {
                             return end;
                         }
+                    }
+                }
+                Step::Relay(Event::Reroute) => {
+                    if let Err(end) = Box::pin(self.reroute()).await {
+                        return end;
                     }
                 }
                 Step::Relay(Event::End(end)) => return end,
@@ -201,6 +236,14 @@ impl Session {
         }
     }
 
+    /// Closes the prepared connection, if any (the cutover that asked for it is over).
+    fn discard(&mut self) {
+        if let Some(p) = self.prewarmed.take() {
+            tokio::spawn(terminate_backend(p.conn.stream, p.conn.port));
+        }
+        self.prepare_reply = None;
+    }
+
     /// Turns a block the proxy aborted back into an idle backend (the client's view
     /// is kept by the relay), so that the backend can be asked about the session.
     async fn unabort(&mut self, asynchronous: &mut migrate::Async) -> Result<(), migrate::MigrateError> {
@@ -211,30 +254,45 @@ impl Session {
         Ok(())
     }
 
-    /// While the session is held, copies its state onto its prewarmed connection so
-    /// that the switch itself is only a swap.
-    async fn prepare(&mut self) {
-        let Some(mut slot) = self.info().take_prewarmed() else { return };
-        if slot.state == Prepared::No {
-            let mut old_async = Vec::new();
-            let mut new_async = Vec::new();
-            let copied = async {
-                self.unabort(&mut old_async).await?;
-                let state = migrate::read_state(&mut self.relay.backend.stream, &mut old_async).await?;
-                migrate::replay(&mut slot.conn.stream, &state, &mut new_async).await
+    /// Copies the session's state (read on its idle backend) onto `conn`, reads it
+    /// back there and compares. `reset`: `conn` holds an older copy, cleared first.
+    async fn copy_state(&mut self, conn: &mut BackendConn, reset: bool) -> Result<(), migrate::MigrateError> {
+        let mut old_async = Vec::new();
+        let mut new_async = Vec::new();
+        let login_user = self.relay.info.user.clone();
+        let copied = async {
+            if reset {
+                migrate::simple_query(&mut conn.stream, "DISCARD ALL", &mut new_async).await?;
             }
-            .await;
-            let old_pid = self.relay.backend.key.pid;
-            self.deliver(old_async, old_pid, None);
-            let mut params = params::Params::from(&slot.conn.params);
-            self.deliver(new_async, slot.conn.key.pid, Some(&mut params));
-            slot.conn.params = params.to_vec();
-            slot.state = match copied {
-                Ok(()) => Prepared::Yes,
-                Err(e) => Prepared::Failed(e.to_string()),
-            };
+            self.unabort(&mut old_async).await?;
+            let state = migrate::read_state(&mut self.relay.backend.stream, &self.relay.custom, &mut old_async).await?;
+            migrate::replay(&mut conn.stream, &state, login_user.as_bytes(), &mut new_async).await?;
+            let copy = migrate::read_state(&mut conn.stream, &self.relay.custom, &mut new_async).await?;
+            match migrate::differences(&state, &copy) {
+                Some(d) => Err(migrate::MigrateError::Differs(d)),
+                None => Ok(()),
+            }
         }
-        self.info().put_prewarmed(slot);
+        .await;
+        let old_pid = self.relay.backend.key.pid;
+        self.deliver(old_async, old_pid, None);
+        let mut params = params::Params::from(&conn.params);
+        self.deliver(new_async, conn.key.pid, Some(&mut params));
+        conn.params = params.to_vec();
+        copied
+    }
+
+    /// Before the pause, while the session is idle: copies its state onto the
+    /// prewarmed connection, so that the switch itself is only a swap. The copy is
+    /// current as long as the session starts no request (see `Relay::requests`).
+    async fn prepare(&mut self) {
+        let Some(mut p) = self.prewarmed.take() else { return };
+        let copied = self.copy_state(&mut p.conn, p.copied_at.is_some()).await;
+        p.copied_at = copied.is_ok().then_some(self.relay.requests);
+        if let Some(reply) = self.prepare_reply.take() {
+            let _ = reply.send(copied.map_err(|e| e.to_string()));
+        }
+        self.prewarmed = Some(p);
     }
 
     /// Hands the client what a backend said on its own while the proxy asked it
@@ -267,67 +325,78 @@ impl Session {
         }
     }
 
-    /// Moves the (idle) session to the active backend: swaps to the connection
-    /// prepared beforehand (or opens one and replays the state now). A session
-    /// whose state cannot move is closed with a clear error.
-    async fn migrate(&mut self) -> Result<(), End> {
-        let proxy = self.proxy.clone();
-        let active = proxy.active_backend();
-        if active.name == self.relay.backend.target.name {
-            return Ok(());
+    /// At a request boundary after a repoint (or when a cutover asks): makes sure the
+    /// session runs on the active backend, and answers whoever asked.
+    async fn reroute(&mut self) -> Result<(), End> {
+        // The route first: a repoint stores the active backend before it bumps it.
+        self.relay.route_seen = self.relay.gate.route();
+        let active = self.proxy.active_backend();
+        let result = if active.name == self.relay.backend.target.name {
+            // A connection prepared for a cutover that did not happen is of no use.
+            self.discard();
+            Ok(())
+        } else {
+            self.move_to(active).await
+        };
+        if let Some(reply) = self.migrate_reply.take() {
+            let _ = reply.send(match &result {
+                Ok(()) => Moved::Moved,
+                Err(End::Closed(e)) => Moved::Closed(e.message.clone()),
+                Err(_) => Moved::Closed("the session ended".into()),
+            });
         }
+        result
+    }
+
+    /// Moves the (idle) session to `active`: swaps to the connection prepared
+    /// beforehand — as is when its copy of the state is current, after a fresh copy
+    /// when the session ran anything since — or opens one and copies the state now.
+    /// A session whose state cannot move exactly is closed with a clear error.
+    async fn move_to(&mut self, active: Arc<BackendTarget>) -> Result<(), End> {
         let id = self.info().id;
-        let (target, mut new, prepared) = match self.info().take_prewarmed() {
-            Some(Prewarmed { target, conn, state }) if target.name == active.name => (target, conn, state),
-            _ => match active.connect(&self.info().startup_params.to_vec(), &self.info().creds).await {
-                Ok(c) => (active.clone(), c, Prepared::No),
+        let prepared = match self.prewarmed.take() {
+            Some(p) if p.target.name == active.name => Some(p),
+            Some(p) => {
+                tokio::spawn(terminate_backend(p.conn.stream, p.conn.port));
+                None
+            }
+            None => None,
+        };
+        self.prepare_reply = None;
+        let (target, mut new, current, copied) = match prepared {
+            Some(p) => {
+                let current = p.copied_at == Some(self.relay.requests);
+                (p.target, p.conn, current, p.copied_at.is_some())
+            }
+            None => match active.connect(&self.info().startup_params.to_vec(), &self.info().creds).await {
+                Ok(c) => (active.clone(), c, false, false),
                 Err(e) => {
                     tracing::warn!(session = id, error = %e, "cannot open a connection on the new backend");
-                    proxy.cutover_tally().closed(id, e.to_string());
                     return Err(End::Closed(e.client_error(&active.name)));
                 }
             },
         };
-        let mut old_async = Vec::new();
-        let mut new_async = Vec::new();
-        let mut new_params = params::Params::from(&new.params);
-        let moved = match prepared {
-            Prepared::Yes => Ok(()),
-            Prepared::Failed(why) => Err(why),
-            Prepared::No => async {
-                self.unabort(&mut old_async).await?;
-                let state = migrate::read_state(&mut self.relay.backend.stream, &mut old_async).await?;
-                migrate::replay(&mut new.stream, &state, &mut new_async).await
+        if !current {
+            if let Err(e) = self.copy_state(&mut new, copied).await {
+                tracing::warn!(session = id, error = %e, "session cannot move; closing it");
+                tokio::spawn(terminate_backend(new.stream, new.port));
+                return Err(End::Closed(PgError::fatal(
+                    sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("pgcutover moved the database to another server and could not bring this session along: {e}; reconnect"),
+                )));
             }
-            .await
-            .map_err(|e| e.to_string()),
-        };
-        let old_pid = self.relay.backend.key.pid;
-        self.deliver(old_async, old_pid, None);
-        self.deliver(new_async, new.key.pid, Some(&mut new_params));
-        if let Err(e) = moved {
-            tracing::warn!(session = id, error = %e, "session cannot move; closing it");
-            proxy.cutover_tally().closed(id, e.clone());
-            terminate_backend(new.stream, new.port).await;
-            return Err(End::Closed(PgError::fatal(
-                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("pgcutover moved the database to another server and could not bring this session along: {e}; reconnect"),
-            )));
         }
         // The client learns what differs on the new server (server_version, ...).
         let mut changed = BytesMut::new();
-        for (name, value) in new_params.iter() {
-            if self.relay.params.get(name) != Some(value) {
+        for (name, value) in &new.params {
+            if self.relay.params.get(name) != Some(value.as_str()) {
                 write::parameter_status(&mut changed, name, value);
+                self.relay.params.set(name, value);
             }
-        }
-        for (name, value) in new_params.iter() {
-            self.relay.params.set(name, value);
         }
         self.relay.to_client.extend(&changed);
         let old = std::mem::replace(&mut self.relay.backend, BackendSide { stream: new.stream, target: target.clone(), key: new.key, port: new.port });
         self.info().set_backend(BackendLink { target: target.clone(), key: new.key });
-        proxy.cutover_tally().moved(id);
         tracing::debug!(session = id, to = %target.name, "session moved");
         tokio::spawn(terminate_backend(old.stream, old.port));
         Ok(())

@@ -58,9 +58,8 @@ pub struct BackendLink {
 }
 
 /// What the control plane asks of a session. The session acts at its next safe
-/// point and answers through the shared [`SessionInfo`] (its quiescence) or the
-/// cutover's tally.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// point; a request that needs an answer carries its reply channel.
+#[derive(Debug)]
 pub enum Control {
     /// A pause's drain deadline passed: cancel what runs, end the open transaction
     /// (the client gets one 40001 and keeps its connection).
@@ -69,26 +68,37 @@ pub enum Control {
     Shutdown,
     /// End the session now.
     Kill,
-    /// Move to the active backend at the next point where nothing is in flight.
-    Migrate,
-    /// Copy the session's state onto its prewarmed connection, ready to move.
-    Prepare,
+    /// Copy the session's state onto this connection to a cutover's target, now if
+    /// the session is idle, else at its next idle point, and say how it went.
+    Prepare(Box<Prewarmed>, tokio::sync::oneshot::Sender<Result<(), String>>),
+    /// The cutover rolled back: close the prepared connection.
+    Discard,
+    /// Be on the active backend (move there at the next idle point), and say so.
+    Migrate(tokio::sync::oneshot::Sender<Moved>),
 }
 
 /// A connection to a cutover's target, opened before the pause.
 pub struct Prewarmed {
     pub target: Arc<BackendTarget>,
     pub conn: crate::backend::BackendConn,
-    /// Whether the session's state was already replayed on it.
-    pub state: Prepared,
+    /// The session's request count when its state was copied onto `conn` (None:
+    /// not copied). The copy is current while the count has not moved.
+    pub copied_at: Option<u64>,
 }
 
+impl std::fmt::Debug for Prewarmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prewarmed").field("target", &self.target.name).field("copied_at", &self.copied_at).finish()
+    }
+}
+
+/// A session's answer to [`Control::Migrate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Prepared {
-    No,
-    Yes,
-    /// The state cannot move; the session is closed at the switch.
-    Failed(String),
+pub enum Moved {
+    /// It runs on the active backend.
+    Moved,
+    /// It could not be brought along and was closed with this reason.
+    Closed(String),
 }
 
 pub struct SessionInfo {
@@ -120,8 +130,6 @@ pub struct SessionInfo {
     /// What the session logged in with, to log in elsewhere on its behalf.
     pub startup_params: super::params::Params,
     pub creds: crate::auth::BackendCredentials,
-    /// A connection to the cutover's target, opened before the pause.
-    pub(crate) prewarmed: Mutex<Option<Prewarmed>>,
 }
 
 impl SessionInfo {
@@ -175,24 +183,6 @@ impl SessionInfo {
         } else {
             h.take().map(|(i, _)| i.elapsed())
         }
-    }
-
-    /// Parks a prewarmed connection to `target` for the session's next move.
-    pub fn set_prewarmed(&self, target: Arc<BackendTarget>, conn: crate::backend::BackendConn) {
-        self.put_prewarmed(Prewarmed { target, conn, state: Prepared::No });
-    }
-
-    pub(crate) fn put_prewarmed(&self, p: Prewarmed) {
-        *self.prewarmed.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
-    }
-
-    pub(crate) fn take_prewarmed(&self) -> Option<Prewarmed> {
-        self.prewarmed.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-
-    /// Whether the prewarmed connection has the session's state (None: no slot).
-    pub fn prepared(&self) -> Option<Prepared> {
-        self.prewarmed.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|p| p.state.clone())
     }
 
     /// Sends a control request to the session; false if it has ended.
@@ -290,7 +280,6 @@ impl Registry {
             control,
             startup_params: new.startup_params,
             creds: new.creds,
-            prewarmed: Mutex::new(None),
         });
         map.insert(pid, info.clone());
         (SessionGuard { registry: self.clone(), info }, control_rx)

@@ -20,7 +20,8 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 
-use super::buffer::IoBuf;
+use super::buffer::{IoBuf, CHUNK};
+use super::learn;
 use super::io::{poll_in, poll_out, write_out, Inbound};
 use super::ended::{self, Ended};
 use super::params::Params;
@@ -65,6 +66,9 @@ pub enum Event {
     Hold,
     /// Nothing is in flight and a deferred request ([`Want`]) can be carried out.
     Ready,
+    /// A new request is about to start after a repoint: the session must look at the
+    /// active backend (and move there) before the request goes anywhere.
+    Reroute,
     End(End),
 }
 
@@ -130,6 +134,13 @@ pub struct Relay {
     /// The last whole frame forwarded to the client was an ErrorResponse.
     pub last_was_error: bool,
     busy_published: bool,
+    /// The gate's route when this session last looked at the active backend.
+    pub route_seen: u64,
+    /// Requests started so far: a copy of the session's state made when this was n
+    /// is current while it still is n (any request may change session state).
+    pub requests: u64,
+    /// Custom setting names the session's statements may have set (see `learn`).
+    pub custom: Vec<Box<str>>,
 }
 
 fn frame_len(b: &[u8]) -> Option<usize> {
@@ -160,6 +171,7 @@ fn message(out: &mut IoBuf, tag: u8, body: &[u8]) {
 impl Relay {
     pub fn new(info: Arc<SessionInfo>, gate: Arc<Gate>, client: Stream, backend: BackendSide, limit: u32, tx: u8, params: &[(String, String)]) -> Relay {
         Relay {
+            route_seen: gate.route(),
             info,
             gate,
             client,
@@ -181,6 +193,8 @@ impl Relay {
             params: Params::from(params),
             last_was_error: false,
             busy_published: tx != b'I',
+            requests: 0,
+            custom: Vec::new(),
         }
     }
 
@@ -309,6 +323,14 @@ impl Relay {
                         }
                         continue;
                     }
+                    if matches!(msg, Frontend::Query | Frontend::Parse) {
+                        let avail = inb.buf.len().min(total);
+                        if avail < total && total <= CHUNK {
+                            // Whole statements only, to learn the settings they set.
+                            return None;
+                        }
+                        learn::custom_settings(inb.buf.bytes().get(5..avail).unwrap_or_default(), &mut self.custom);
+                    }
                     let starts = self.pipeline.is_idle() && !msg.is_copy() && msg != Frontend::Flush;
                     if starts && self.ended == Ended::No && self.tx == TxState::Idle {
                         // INVARIANT: busy is published before the gate is read (see
@@ -321,7 +343,14 @@ impl Relay {
                             return Some(Event::Hold);
                         }
                     }
+                    // INVARIANT: the route is read after the gate was seen open; a
+                    // repoint bumps it before it reopens the gate, so no request that
+                    // starts after a repoint reaches the old backend.
+                    if starts && (self.ended != Ended::No || self.tx == TxState::Idle) && self.gate.route() != self.route_seen {
+                        return Some(Event::Reroute);
+                    }
                     if starts {
+                        self.requests += 1;
                         match self.ended {
                             Ended::Owed40001 => {
                                 if !self.from_backend.at_boundary() {

@@ -15,6 +15,7 @@ use pgcutover::server::ProxyHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub mod cut;
 mod served;
 #[allow(unused_imports)]
 pub use served::Served;

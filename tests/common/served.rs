@@ -15,17 +15,27 @@ pub struct Served {
 
 impl Served {
     pub async fn start(edit: impl FnOnce(String) -> String) -> Served {
+        Served::start_env(edit, &[]).await
+    }
+
+    /// As `start`, with extra environment variables for the process.
+    pub async fn start_env(edit: impl FnOnce(String) -> String, env: &[(&str, &str)]) -> Served {
         let f = fixture();
         let dir = tempfile::Builder::new().prefix("pgcutover-served-").tempdir().unwrap();
         let port = pgcutover::cluster::free_port().unwrap();
         let text = edit(f.config_text(&dir.path().join("sock"), &format!("127.0.0.1:{port}")));
         std::fs::write(dir.path().join("proxy.toml"), text).unwrap();
-        Served::run(dir, port).await
+        Served::run_env(dir, port, env).await
     }
 
     /// Starts the binary on the file already in `dir`.
     pub async fn run(dir: tempfile::TempDir, port: u16) -> Served {
+        Served::run_env(dir, port, &[]).await
+    }
+
+    pub async fn run_env(dir: tempfile::TempDir, port: u16, env: &[(&str, &str)]) -> Served {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcutover"))
+            .envs(env.iter().copied())
             .args(["serve", "--config"])
             .arg(dir.path().join("proxy.toml"))
             .stdout(Stdio::null())
@@ -75,6 +85,14 @@ impl Served {
         }
         let out = tokio::process::Command::new(super::pg_program("psql")).args(&args).output().await.unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Waits for the process to end on its own (it crashed, say) and gives back its
+    /// directory, to start again.
+    pub async fn exited(mut self) -> (tempfile::TempDir, u16) {
+        let status = tokio::time::timeout(std::time::Duration::from_secs(30), self.child.wait()).await;
+        assert!(matches!(status, Ok(Ok(_))), "the process did not end: {}", self.log());
+        (self.dir, self.port)
     }
 
     /// Stops the process (SIGTERM) and gives back its directory, to start again.

@@ -1,0 +1,112 @@
+//! The cutover's phases and what can go wrong in them, typed: the report, the log
+//! and the metrics name a phase and an error kind, never a loose string pair.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::gate::PauseError;
+
+/// A phase of the cutover, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Start,
+    Preflight,
+    Prewarm,
+    Drain,
+    Fence,
+    Catchup,
+    Sequences,
+    Repoint,
+    MoveSessions,
+    DisableSubscriptions,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Start => "start",
+            Phase::Preflight => "preflight",
+            Phase::Prewarm => "prewarm",
+            Phase::Drain => "drain",
+            Phase::Fence => "fence",
+            Phase::Catchup => "catchup",
+            Phase::Sequences => "sequences",
+            Phase::Repoint => "repoint",
+            Phase::MoveSessions => "move_sessions",
+            Phase::DisableSubscriptions => "disable_subscription",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CutoverError {
+    #[error("a cutover is already running")]
+    Busy,
+    #[error("no backend named {0:?} (set --to or [cutover] target)")]
+    NoBackend(String),
+    #[error("{0} is already the active backend")]
+    AlreadyActive(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Drain(#[from] PauseError),
+    #[error("{0}")]
+    Database(String),
+    #[error("{what} did not answer within {bound:?}")]
+    Timeout { what: String, bound: Duration },
+    #[error("the cutover would have paused traffic longer than max_pause ({0:?})")]
+    MaxPause(Duration),
+    #[error("the proxy is shutting down")]
+    Shutdown,
+    #[error("the journal of side effects cannot be written: {0}")]
+    Journal(String),
+    #[error("a fault injected by a test hook at {0}")]
+    Injected(&'static str),
+}
+
+impl CutoverError {
+    /// A label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CutoverError::Busy => "busy",
+            CutoverError::NoBackend(_) => "no_backend",
+            CutoverError::AlreadyActive(_) => "already_active",
+            CutoverError::Refused(_) => "refused",
+            CutoverError::Drain(_) => "drain",
+            CutoverError::Database(_) => "database",
+            CutoverError::Timeout { .. } => "timeout",
+            CutoverError::MaxPause(_) => "max_pause",
+            CutoverError::Shutdown => "shutdown",
+            CutoverError::Journal(_) => "journal",
+            CutoverError::Injected(_) => "injected",
+        }
+    }
+}
+
+impl From<anyhow::Error> for CutoverError {
+    fn from(e: anyhow::Error) -> Self {
+        CutoverError::Database(format!("{e:#}"))
+    }
+}
+
+impl From<tokio_postgres::Error> for CutoverError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        CutoverError::Database(crate::cutover::control::describe(&e))
+    }
+}
+
+/// A failure, and the phase it ended.
+#[derive(Debug)]
+pub struct Failure {
+    pub phase: Phase,
+    pub error: CutoverError,
+}
+

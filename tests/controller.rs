@@ -1,0 +1,273 @@
+//! The cutover controller against what broke it in the field: a typo in the
+//! source's configuration, SET ROLE and custom settings, enum-typed prepared
+//! statements, several subscriptions, descending and never-called sequences,
+//! connection churn, a stalled target, a non-UTF-8 client, an operator's RESUME.
+//! After each: the source as it was, and clients that saw only a delay.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cut::{auto_conf, blue_writable, cutover, replicated, serial};
+use common::{fixture, Raw};
+
+#[tokio::test]
+async fn a_typo_in_the_source_configuration_refuses_the_cutover_and_leaves_the_source_as_it_was() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_typo";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let proxy = f.proxy(|c| c.cutover.max_pause = std::time::Duration::from_secs(2)).await;
+    let c = proxy.connect(db).await;
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    let conf = f.blue().data_dir().join("postgresql.conf");
+    let good = std::fs::read_to_string(&conf).unwrap();
+    let auto_before = auto_conf(f.blue());
+    std::fs::write(&conf, format!("{good}\nwrok_mem = '4MB'\n")).unwrap();
+
+    let report = cutover(&proxy, "green").await;
+    std::fs::write(&conf, &good).unwrap();
+    assert_ne!(report["outcome"], "committed", "{report:#?}");
+    assert!(report["reason"].contains("wrok_mem") || report["reason"].contains("configuration"), "the reason names the broken file: {report:#?}");
+    assert_eq!(auto_conf(f.blue()), auto_before, "postgresql.auto.conf is as it was");
+    // The operator fixes the typo and reloads: the source must not turn read-only.
+    f.blue().execute("postgres", "SELECT pg_reload_conf()").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    blue_writable(f, db).await;
+    c.batch_execute("INSERT INTO t (v) VALUES (2)").await.expect("the client saw only a delay");
+}
+
+#[tokio::test]
+async fn set_role_and_custom_settings_move_with_the_session() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_role";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, tenant int)").await;
+    for c in [f.blue(), f.green()] {
+        c.execute("postgres", "CREATE ROLE probe_reader NOLOGIN; GRANT probe_reader TO app").await.unwrap();
+    }
+    let proxy = f.proxy(|_| {}).await;
+    let c = proxy.connect(db).await;
+    c.batch_execute("SET app.tenant = '7'; SET ROLE probe_reader").await.unwrap();
+    // Through the extended protocol, by set_config.
+    let other = proxy.connect(db).await;
+    other.query("SELECT set_config('app.user', 'u1', false)", &[]).await.unwrap();
+
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    let row = c.query_one("SELECT current_user::text, current_setting('app.tenant', true), inet_server_port()", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(2) as u16, f.green().port);
+    assert_eq!(row.get::<_, String>(0), "probe_reader", "the moved session keeps its role");
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("7"));
+    let user: Option<String> = other.query_one("SELECT current_setting('app.user', true)", &[]).await.unwrap().get(0);
+    assert_eq!(user.as_deref(), Some("u1"));
+}
+
+#[tokio::test]
+async fn an_enum_typed_prepared_statement_moves_with_its_type_found_by_name() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_enum";
+    // Types get other OIDs on green.
+    f.green()
+        .execute("postgres", "DO $$ BEGIN FOR i IN 1..40 LOOP EXECUTE format('CREATE TYPE burn%s AS ENUM (''x'')', i); EXECUTE format('DROP TYPE burn%s', i); END LOOP; END $$")
+        .await
+        .unwrap();
+    replicated(f, db, "CREATE TYPE mood AS ENUM ('sad', 'ok'); CREATE TABLE t (id bigserial PRIMARY KEY, m mood)").await;
+    let mut oids = Vec::new();
+    for c in [f.blue(), f.green()] {
+        oids.push(c.connect(db).await.unwrap().query_one("SELECT 'mood'::regtype::oid", &[]).await.unwrap().get::<_, u32>(0));
+    }
+    assert_ne!(oids[0], oids[1], "the test needs different OIDs on each side");
+    let proxy = f.proxy(|_| {}).await;
+    let c = proxy.connect(db).await;
+    let _stmt = c.prepare("SELECT $1 = 'sad'::mood").await.unwrap();
+    let name: String = c.query_one("SELECT name FROM pg_prepared_statements WHERE statement = 'SELECT $1 = ''sad''::mood'", &[]).await.unwrap().get(0);
+
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    assert_eq!(report["sessions_closed"], "0", "{report:#?}");
+    let rows = c.simple_query(&format!("EXECUTE {name}('sad')")).await.expect("the statement runs on green");
+    let value = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("t"));
+    let types: String = c.query_one("SELECT parameter_types::text FROM pg_prepared_statements WHERE name = $1", &[&name]).await.unwrap().get(0);
+    assert_eq!(types, "{mood}");
+}
+
+#[tokio::test]
+async fn every_subscription_from_the_source_is_waited_for_and_disabled() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_subs";
+    for c in [f.blue(), f.green()] {
+        c.execute("postgres", &format!("CREATE DATABASE {db} OWNER app")).await.unwrap();
+        c.execute(db, "SET ROLE app; CREATE TABLE a (id bigserial PRIMARY KEY, v int); CREATE TABLE b (id bigserial PRIMARY KEY, v int)").await.unwrap();
+    }
+    f.blue().execute(db, "CREATE PUBLICATION pub_a FOR TABLE a; CREATE PUBLICATION pub_b FOR TABLE b").await.unwrap();
+    for t in ["a", "b"] {
+        f.green()
+            .execute(db, &format!("CREATE SUBSCRIPTION ctl_sub_{t} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname={db}' PUBLICATION pub_{t}", f.blue().port))
+            .await
+            .unwrap();
+    }
+    let green = f.green().connect(db).await.unwrap();
+    assert!(
+        common::eventually(60, || async {
+            green.query_one("SELECT count(*) FILTER (WHERE srsubstate <> 'r') = 0 AND count(*) = 2 FROM pg_subscription_rel", &[]).await.unwrap().get::<_, bool>(0)
+        })
+        .await
+    );
+    let proxy = f.proxy(|_| {}).await;
+    let c = proxy.connect(db).await;
+    c.batch_execute("INSERT INTO a (v) VALUES (1)").await.unwrap();
+    // b's apply is held back on green while rows arrive on blue.
+    let locker = f.green().connect(db).await.unwrap();
+    locker.batch_execute("BEGIN; LOCK TABLE b IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    for v in 0..3 {
+        c.execute("INSERT INTO b (v) VALUES ($1)", &[&v]).await.unwrap();
+    }
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        locker.batch_execute("ROLLBACK").await.unwrap();
+    });
+    let report = cutover(&proxy, "green").await;
+    release.await.unwrap();
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    let n: i64 = green.query_one("SELECT count(*) FROM b", &[]).await.unwrap().get(0);
+    assert_eq!(n, 3, "every row written before the switch is on green when it commits");
+    let enabled: i64 = green.query_one("SELECT count(*) FROM pg_subscription WHERE subenabled AND subname LIKE 'ctl_sub_%'", &[]).await.unwrap().get(0);
+    assert_eq!(enabled, 0, "both subscriptions from blue are disabled");
+}
+
+#[tokio::test]
+async fn descending_never_called_and_ahead_sequences_continue_on_the_target_without_going_back() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_seq";
+    replicated(f, db, "CREATE SEQUENCE down_seq INCREMENT -1 MAXVALUE -1 START -1; CREATE SEQUENCE fresh_seq START 1000; CREATE TABLE t (id bigserial PRIMARY KEY)").await;
+    f.blue().execute(db, "SELECT nextval('down_seq') FROM generate_series(1, 5); SELECT setval('fresh_seq', 5000, false); INSERT INTO t DEFAULT VALUES").await.unwrap();
+    // Green's own sequence is already ahead of blue's: it must not go back.
+    f.green().execute(db, "SELECT setval('t_id_seq', 1000)").await.unwrap();
+    let proxy = f.proxy(|c| c.cutover.sequence_margin = 10).await;
+    let c = proxy.connect(db).await;
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    let row = c.query_one("SELECT nextval('down_seq'), nextval('fresh_seq'), nextval('t_id_seq')", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0), -16, "a descending sequence continues downwards, past the margin");
+    assert_eq!(row.get::<_, i64>(1), 5010, "a never-called sequence continues where it would have");
+    assert_eq!(row.get::<_, i64>(2), 1001, "a sequence already ahead on the target is left alone");
+}
+
+#[tokio::test]
+async fn a_cutover_under_connection_churn_commits_and_fails_no_transaction() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_churn";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let proxy = f.proxy(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("churn.sql");
+    std::fs::write(&script, "BEGIN;\nINSERT INTO t (v) VALUES (1);\nSELECT pg_sleep(0.02);\nINSERT INTO t (v) VALUES (2);\nCOMMIT;\n").unwrap();
+    let port = proxy.port().to_string();
+    let bench = tokio::process::Command::new(common::pg_program("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "app", "-n", "-C", "-c", "16", "-j", "1", "-T", "4", "-f"])
+        .arg(&script)
+        .arg(db)
+        .env("PGPASSWORD", common::PASSWORD)
+        .output();
+    let bench = tokio::spawn(bench);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let report = cutover(&proxy, "green").await;
+    let out = bench.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    assert!(out.status.success(), "pgbench failed: {stdout}{stderr}");
+    assert!(!stderr.contains("aborted") && !stdout.contains("aborted"), "{stdout}{stderr}");
+    let done: i64 = stdout.lines().find_map(|l| l.strip_prefix("number of transactions actually processed: ")).and_then(|n| n.split('/').next()?.trim().parse().ok()).expect("pgbench's count");
+    let green = f.green().connect(db).await.unwrap();
+    let rows: i64 = green.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 2 * done, "every committed transaction is on green, exactly once");
+}
+
+#[tokio::test]
+async fn a_target_that_accepts_and_never_answers_refuses_the_cutover_in_bounded_time() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_stall";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sink = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let proxy = f
+        .proxy(|c| {
+            let green = c.backends.get_mut("green").unwrap();
+            green.port = port;
+            green.connect_timeout = Duration::from_secs(1);
+        })
+        .await;
+    let c = proxy.connect(db).await;
+    // A hang is the defect: the bound here only turns it into a failure.
+    let report = tokio::time::timeout(Duration::from_secs(60), cutover(&proxy, "green")).await.expect("the cutover answers");
+    assert_ne!(report["outcome"], "committed");
+    let again = tokio::time::timeout(Duration::from_secs(60), cutover(&proxy, "green")).await.expect("the cutover answers again");
+    assert!(!again["reason"].contains("already running"), "the first cutover still holds the lock: {again:#?}");
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.expect("the client saw nothing");
+    sink.abort();
+    blue_writable(f, db).await;
+}
+
+#[tokio::test]
+async fn a_latin1_session_keeps_its_statement_text_byte_for_byte() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_latin1";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v text)").await;
+    let proxy = f.proxy(|c| c.auth.method = pgcutover::config::AuthMethod::Trust).await;
+    let mut raw = Raw::connect(proxy.port()).await;
+    raw.startup(&[("user", "app"), ("database", db), ("client_encoding", "LATIN1")]).await;
+    assert!(raw.until_ready().await.iter().all(|m| m.tag != b'E'));
+    raw.send_message(b'Q', b"PREPARE latin AS SELECT 'caf\xe9'::text, length('caf\xe9')\0").await;
+    assert!(raw.until_ready().await.iter().all(|m| m.tag != b'E'));
+
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    assert_eq!(report["sessions_closed"], "0", "{report:#?}");
+    raw.query("EXECUTE latin").await;
+    let answer = raw.until_ready().await;
+    let row = answer.iter().find(|m| m.tag == b'D').unwrap_or_else(|| panic!("no row: {:?}", answer.iter().map(|m| (m.tag as char, m.message())).collect::<Vec<_>>()));
+    // One DataRow: two columns, 'caf\xe9' (4 bytes) and '4'.
+    assert_eq!(&row.body[..], b"\x00\x02\x00\x00\x00\x04caf\xe9\x00\x00\x00\x014");
+}
+
+#[tokio::test]
+async fn an_operators_resume_cannot_end_a_cutovers_pause() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_resume";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let proxy = f.proxy(|c| c.cutover.catchup_timeout = Duration::from_secs(8)).await;
+    let c = proxy.connect(db).await;
+    let green = f.green().connect(db).await.unwrap();
+    green.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    let running = {
+        let proxy = proxy.proxy().clone();
+        tokio::spawn(async move { pgcutover::admin::execute(&proxy, "CUTOVER green").await })
+    };
+    assert!(common::eventually(10, || async { proxy.proxy().gate().paused_for().is_some() }).await);
+    let resumed = proxy.admin("RESUME").await;
+    assert!(resumed.is_err(), "RESUME opened the gate in the middle of a cutover");
+    green.batch_execute("ROLLBACK").await.unwrap();
+    let report = running.await.unwrap().expect("CUTOVER answers");
+    assert!(report.rows().iter().any(|r| r[0].as_deref() == Some("outcome") && r[1].as_deref() == Some("committed")), "{:?}", report.rows());
+    c.batch_execute("INSERT INTO t (v) VALUES (2)").await.unwrap();
+}
