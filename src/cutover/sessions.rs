@@ -3,7 +3,7 @@
 //! deadline. No shared tally, no polling.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::oneshot;
@@ -23,10 +23,9 @@ pub struct Prewarm {
 
 /// Opens a target connection for every session and asks each session to copy its
 /// state onto it (idle sessions at once, busy ones at their next idle point).
-/// Waits for the answers until `bound`; a session that has not answered by then
-/// copies its state when it moves.
+/// Waits for the answers until `bound` after the last login; a session that has
+/// not answered by then copies its state when it moves.
 pub async fn prewarm(sessions: &[Arc<SessionInfo>], target: &Arc<BackendTarget>, bound: Duration) -> Prewarm {
-    let deadline = Instant::now() + bound;
     let mut failures = Vec::new();
     let mut answers = FuturesUnordered::new();
     let mut logins = futures::stream::iter(sessions.iter().cloned())
@@ -50,7 +49,7 @@ pub async fn prewarm(sessions: &[Arc<SessionInfo>], target: &Arc<BackendTarget>,
         }
     }
     let mut copied = 0;
-    let _ = tokio::time::timeout_at(deadline.into(), async {
+    let _ = tokio::time::timeout(bound, async {
         while let Some(answer) = answers.next().await {
             match answer {
                 Ok(Ok(())) => copied += 1,
