@@ -271,3 +271,49 @@ async fn an_operators_resume_cannot_end_a_cutovers_pause() {
     assert!(report.rows().iter().any(|r| r[0].as_deref() == Some("outcome") && r[1].as_deref() == Some("committed")), "{:?}", report.rows());
     c.batch_execute("INSERT INTO t (v) VALUES (2)").await.unwrap();
 }
+
+/// The rule: a copy of a session's state is current until the session starts its
+/// next request (any statement may change session state, a function calling
+/// set_config included); a session that ran anything since its copy copies again
+/// when it moves.
+#[tokio::test]
+async fn a_session_that_changes_its_state_after_its_copy_moves_with_the_change() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_recopy";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let proxy = f.proxy(|_| {}).await;
+    let c = proxy.connect(db).await;
+    c.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    // The cutover stops after prewarm (the state is copied) until the test says.
+    let reached = std::sync::Arc::new(tokio::sync::Notify::new());
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (r, g) = (reached.clone(), go.clone());
+    let hook: pgcutover::cutover::hooks::Hook = std::sync::Arc::new(move |at| {
+        let (r, g) = (r.clone(), g.clone());
+        Box::pin(async move {
+            if at == "prewarm" {
+                r.notify_one();
+                g.notified().await;
+            }
+            Ok(())
+        })
+    });
+    proxy.proxy().cutover.set_hook(Some(hook));
+    let running = {
+        let proxy = proxy.proxy().clone();
+        tokio::spawn(async move { pgcutover::admin::execute(&proxy, "CUTOVER green").await })
+    };
+    reached.notified().await;
+    c.batch_execute("SET work_mem = '9MB'; PREPARE later AS SELECT 2; SELECT set_config('app.step', 'after', false)").await.unwrap();
+    go.notify_one();
+    let rows = running.await.unwrap().expect("CUTOVER answers").rows();
+    let get = |k: &str| rows.iter().find(|r| r[0].as_deref() == Some(k)).and_then(|r| r[1].clone()).unwrap_or_default();
+    assert_eq!(get("outcome"), "committed", "{rows:?}");
+    assert_eq!(get("sessions_prepared"), "1", "the state was copied before the pause");
+    let row = c.query_one("SELECT current_setting('work_mem'), current_setting('app.step', true), inet_server_port()", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(2) as u16, f.green().port);
+    assert_eq!(row.get::<_, String>(0), "9MB", "the change after the copy moved too");
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("after"));
+    c.batch_execute("EXECUTE later").await.expect("the statement prepared after the copy exists on green");
+}
