@@ -341,7 +341,12 @@ pub async fn pause_with_watchdog(proxy: &Arc<Proxy>, timeout: Option<Duration>, 
                     deadline = timeout.map(|t| Instant::now() + t);
                 }
                 _ => {
-                    gate.open_if(epoch);
+                    // An operator's pause reopens here. A cutover's stays closed
+                    // until the cutover has undone its fence (which runs alongside
+                    // the drain): held sessions must not write on a half-fenced source.
+                    if owner == Owner::Operator {
+                        gate.open_if(epoch);
+                    }
                     let timeout = timeout.unwrap_or(max_pause);
                     let in_the_way: Vec<InFlight> = busy.iter().map(|s| InFlight::of(s)).collect();
                     tracing::warn!(?timeout, sessions = %describe(&in_the_way), "drain timed out: pause aborted");
