@@ -304,10 +304,30 @@ pub async fn pause(proxy: &Arc<Proxy>, timeout: Option<Duration>, on_timeout: On
 /// Cancellation safety: dropping the future leaves the gate closed; its owner (or
 /// the watchdog) reopens it.
 pub async fn pause_with_watchdog(proxy: &Arc<Proxy>, timeout: Option<Duration>, on_timeout: OnDrainTimeout, watchdog: Duration, owner: Owner) -> Result<DrainReport, PauseError> {
+    let closed = close(proxy, watchdog, owner)?;
+    drain(proxy, closed, timeout, on_timeout).await
+}
+
+/// A pause whose gate is closed and whose drain has not been waited for.
+#[derive(Debug)]
+pub struct Closed {
+    epoch: u64,
+    started: Instant,
+    watchdog: Duration,
+    owner: Owner,
+}
+
+/// Closes the gate now, before anything else happens: a caller that must not act
+/// unless the pause is its own (a cutover's fence) learns at once.
+pub fn close(proxy: &Arc<Proxy>, watchdog: Duration, owner: Owner) -> Result<Closed, PauseError> {
+    let epoch = proxy.gate().close(watchdog, owner)?;
+    Ok(Closed { epoch, started: Instant::now(), watchdog, owner })
+}
+
+/// Waits until every session is idle or holding, as [`pause`] describes.
+pub async fn drain(proxy: &Arc<Proxy>, closed: Closed, timeout: Option<Duration>, on_timeout: OnDrainTimeout) -> Result<DrainReport, PauseError> {
+    let Closed { epoch, started, watchdog: max_pause, owner } = closed;
     let gate = proxy.gate();
-    let max_pause = watchdog;
-    let epoch = gate.close(watchdog, owner)?;
-    let started = Instant::now();
     let in_flight_at = |proxy: &Proxy| proxy.sessions.list().into_iter().filter(|s| !s.quiescent()).collect::<Vec<_>>();
     let waited_for = in_flight_at(proxy).len();
     let mut cancelled = Vec::new();

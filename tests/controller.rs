@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::cut::{auto_conf, blue_writable, cutover, replicated, serial};
@@ -316,4 +317,180 @@ async fn a_session_that_changes_its_state_after_its_copy_moves_with_the_change()
     assert_eq!(row.get::<_, String>(0), "9MB", "the change after the copy moved too");
     assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("after"));
     c.batch_execute("EXECUTE later").await.expect("the statement prepared after the copy exists on green");
+}
+
+#[tokio::test]
+async fn session_authorization_moves_with_the_session() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_auth";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    for c in [f.blue(), f.green()] {
+        c.execute("postgres", "CREATE ROLE ctl_su SUPERUSER LOGIN PASSWORD 'su-secret'").await.unwrap();
+    }
+    let proxy = f
+        .proxy(|c| {
+            c.auth.users.push(pgcutover::config::UserConfig { name: "ctl_su".into(), password: Some("su-secret".into()), admin: false });
+        })
+        .await;
+    let c = proxy.connect_as("ctl_su", "su-secret", db).await.unwrap();
+    c.batch_execute("SET SESSION AUTHORIZATION app; SET app.tenant = '3'").await.unwrap();
+
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    assert_eq!(report["sessions_closed"], "0", "{report:#?}");
+    let row = c.query_one("SELECT session_user::text, current_user::text, current_setting('app.tenant', true), inet_server_port()", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(3) as u16, f.green().port);
+    assert_eq!((row.get::<_, String>(0).as_str(), row.get::<_, String>(1).as_str()), ("app", "app"), "the session authorization moved");
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("3"));
+    // It is still the superuser's session underneath: RESET goes back to it.
+    c.batch_execute("RESET SESSION AUTHORIZATION").await.unwrap();
+    let user: String = c.query_one("SELECT session_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(user, "ctl_su");
+}
+
+#[tokio::test]
+async fn a_subscription_from_another_publisher_refuses_the_cutover_unless_listed() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_elsewhere";
+    let other = "ctl_elsewhere_other";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    // A second subscription in the same target database, fed by another database.
+    f.blue().execute("postgres", &format!("CREATE DATABASE {other}")).await.unwrap();
+    f.blue().execute(other, "CREATE TABLE side (id int PRIMARY KEY); CREATE PUBLICATION side_pub FOR TABLE side").await.unwrap();
+    for c in [f.blue(), f.green()] {
+        c.execute(db, "CREATE TABLE side (id int PRIMARY KEY)").await.unwrap();
+    }
+    f.green()
+        .execute(db, &format!("CREATE SUBSCRIPTION side_feed CONNECTION 'host=127.0.0.1 port={} user=postgres dbname={other}' PUBLICATION side_pub", f.blue().port))
+        .await
+        .unwrap();
+
+    let proxy = f.proxy(|c| c.cutover.databases = vec![db.into()]).await;
+    let c = proxy.connect(db).await;
+    let report = cutover(&proxy, "green").await;
+    assert_ne!(report["outcome"], "committed", "{report:#?}");
+    assert!(report["reason"].contains("side_feed"), "the refusal names the subscription: {report:#?}");
+    blue_writable(f, db).await;
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    drop(proxy);
+
+    let proxy = f
+        .proxy(|c| {
+            c.cutover.databases = vec![db.into()];
+            c.cutover.other_subscriptions = vec!["side_feed".into()];
+        })
+        .await;
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    let green = f.green().connect(db).await.unwrap();
+    let subs: Vec<(String, bool)> = green
+        .query("SELECT subname::text, subenabled FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(subs.contains(&("side_feed".into(), true)), "a listed subscription from elsewhere is left running: {subs:?}");
+    assert!(subs.iter().filter(|(n, _)| n != "side_feed").all(|(_, on)| !on), "the subscription from the source is disabled: {subs:?}");
+    green.batch_execute("ALTER SUBSCRIPTION side_feed DISABLE; ALTER SUBSCRIPTION side_feed SET (slot_name = NONE); DROP SUBSCRIPTION side_feed").await.unwrap();
+    f.blue().execute("postgres", &format!("SELECT pg_drop_replication_slot('side_feed')")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_prepared_transaction_on_the_source_refuses_the_cutover_until_it_is_finished() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_2pc";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let blue = f.blue().connect(db).await.unwrap();
+    blue.batch_execute("BEGIN; INSERT INTO t (v) VALUES (1); PREPARE TRANSACTION 'ctl_2pc_pending'").await.unwrap();
+    let proxy = f.proxy(|c| c.cutover.databases = vec![db.into()]).await;
+    let c = proxy.connect(db).await;
+
+    let report = cutover(&proxy, "green").await;
+    assert_ne!(report["outcome"], "committed", "{report:#?}");
+    assert!(report["reason"].contains("ctl_2pc_pending"), "the refusal names the transaction: {report:#?}");
+    blue_writable(f, db).await;
+    c.batch_execute("INSERT INTO t (v) VALUES (2)").await.unwrap();
+
+    blue.batch_execute("COMMIT PREPARED 'ctl_2pc_pending'").await.unwrap();
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    let rows: i64 = c.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 2, "the prepared transaction's row and the client's are on green");
+}
+
+/// A RELOAD that began before the repoint and ends after it must not put the old
+/// backend back: the active backend is the cutover's, whatever the file says.
+#[tokio::test]
+async fn a_reload_during_a_cutover_keeps_the_repoint() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_reload";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    // Many users make a reload slow (each password is stretched into a verifier).
+    let mut text = f.config_text(&dir.path().join("sock"), "127.0.0.1:0");
+    let users: String = (0..50).map(|i| format!("[[auth.users]]\nname = \"bulk{i}\"\npassword = \"p{i}\"\n")).collect();
+    text = text.replace("[backends.blue]", &format!("{users}[backends.blue]"));
+    std::fs::write(&file, text).unwrap();
+    let proxy = f.proxy(|c| c.cutover.databases = vec![db.into()]).await;
+    proxy.proxy().set_config_path(&file);
+    let reloads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (p, r) = (proxy.proxy().clone(), reloads.clone());
+    let hook: pgcutover::cutover::hooks::Hook = Arc::new(move |at| {
+        let (p, r) = (p.clone(), r.clone());
+        Box::pin(async move {
+            if at == "sequences" || at == "repointed" {
+                let p = p.clone();
+                r.lock().unwrap().push(tokio::spawn(async move { p.reload().await.map(|_| ()) }));
+                // Let the reload read the active backend before the repoint.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(())
+        })
+    });
+    proxy.proxy().cutover.set_hook(Some(hook));
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    let handles: Vec<_> = std::mem::take(&mut *reloads.lock().unwrap());
+    assert_eq!(handles.len(), 2);
+    for h in handles {
+        h.await.unwrap().expect("the reloads succeed");
+    }
+    assert_eq!(proxy.proxy().active_backend().name, "green", "a reload put the old backend back");
+    let c = proxy.connect(db).await;
+    let port: i32 = c.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+    assert_eq!(port as u16, f.green().port);
+}
+
+#[tokio::test]
+async fn a_cutover_behind_an_operators_pause_is_refused_before_it_touches_the_source() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_paused";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let proxy = f.proxy(|c| c.cutover.databases = vec![db.into()]).await;
+    let c = proxy.connect(db).await;
+    let reached = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r = reached.clone();
+    let hook: pgcutover::cutover::hooks::Hook = Arc::new(move |at| {
+        r.lock().unwrap().push(at);
+        Box::pin(async { Ok(()) })
+    });
+    proxy.proxy().cutover.set_hook(Some(hook));
+    proxy.admin("PAUSE").await.unwrap();
+    let report = cutover(&proxy, "green").await;
+    assert_ne!(report["outcome"], "committed", "{report:#?}");
+    assert!(report["reason"].contains("paused"), "{report:#?}");
+    let reached = reached.lock().unwrap().clone();
+    assert!(!reached.iter().any(|p| p.starts_with("fence")), "the fence began behind the operator's pause: {reached:?}");
+    assert!(proxy.proxy().gate().paused_for().is_some(), "the operator's pause stays");
+    proxy.admin("RESUME").await.unwrap();
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    let port: i32 = c.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+    assert_eq!(port as u16, f.blue().port);
 }

@@ -138,3 +138,43 @@ async fn a_proxy_killed_after_its_repoint_comes_back_on_the_target() {
     let enabled: bool = green.query_one("SELECT subenabled FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())", &[]).await.unwrap().get(0);
     assert!(!enabled, "the roll forward disabled the subscription");
 }
+
+#[tokio::test]
+async fn sigterm_in_the_middle_of_a_cutover_rolls_back_before_the_proxy_exits() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "jr_sigterm";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let auto_before = auto_conf(f.blue());
+    let edit = |t: String| {
+        t.replace("target = \"green\"", &format!("target = \"green\"\n            databases = [\"{db}\"]\n            max_pause = \"60s\"\n            catchup_timeout = \"60s\""))
+    };
+    // The cutover stops at catch-up, fenced, until the signal comes.
+    let s = Served::start_env(edit, &[("PGCUTOVER_TEST_HOOK", "catchup:stall")]).await;
+    let c = s.connect("app", common::PASSWORD, db).await.unwrap();
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    let cli = {
+        let (bin, path) = (env!("CARGO_BIN_EXE_pgcutover"), s.config_path());
+        tokio::spawn(async move { tokio::process::Command::new(bin).args(["cutover", "--json", "--config"]).arg(path).output().await.unwrap() })
+    };
+    assert!(common::eventually(30, || async { auto_conf(f.blue()) != auto_before }).await, "the fence began: {}", s.log());
+    let held = {
+        let c = s.connect("app", common::PASSWORD, db).await.unwrap();
+        tokio::spawn(async move { c.batch_execute("INSERT INTO t (v) VALUES (2)").await })
+    };
+    s.signal(libc::SIGTERM);
+    let out = cli.await.unwrap();
+    assert!(!out.status.success(), "the cutover cannot commit after SIGTERM: {}", String::from_utf8_lossy(&out.stdout));
+    let (dir, _) = s.exited().await;
+    assert_eq!(auto_conf(f.blue()), auto_before, "SIGTERM left ALTER SYSTEM behind");
+    blue_writable(f, db).await;
+    roles_can_log_in(f).await;
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".journal")).collect();
+    assert!(leftovers.is_empty(), "the journal is left behind: {leftovers:?}");
+    // The held request either ran on blue or its session was ended by the shutdown;
+    // it never ran on green.
+    let _ = held.await.unwrap();
+    let green = f.green().connect(db).await.unwrap();
+    let enabled: bool = green.query_one("SELECT bool_and(subenabled) FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())", &[]).await.unwrap().get(0);
+    assert!(enabled, "the subscription still runs");
+}

@@ -282,11 +282,14 @@ impl Run {
         let cut = &config.cutover;
         // Pause; new logins go to the target from now (the source is being fenced).
         self.phase = Phase::Drain;
-        self.proxy.set_logins(Some(self.target.clone()));
         let proxy = self.proxy.clone();
         let watchdog = cut.max_pause + Duration::from_secs(30);
-        let drain = crate::gate::pause_with_watchdog(&proxy, Some(cut.drain_timeout), cut.on_drain_timeout, watchdog, Owner::Cutover);
+        // The gate closes before the fence begins: a pause that is not the
+        // cutover's own (an operator's) refuses it with nothing done.
+        let closed = crate::gate::close(&proxy, watchdog, Owner::Cutover)?;
         self.paused = true;
+        self.proxy.set_logins(Some(self.target.clone()));
+        let drain = crate::gate::drain(&proxy, closed, Some(cut.drain_timeout), cut.on_drain_timeout);
         // The fence runs while the drain does: a transaction already running keeps
         // its read-write state until it ends (see fence.rs).
         let mut roles: Vec<String> = self.sessions.iter().map(|s| s.user.clone()).collect();
@@ -306,15 +309,7 @@ impl Run {
             fence::fence(&db.src, &plan, journal, hooks).await.map(|f| (Some(f), started.elapsed()))
         };
         let (drained, fenced) = tokio::join!(drain, fence);
-        let drained = match drained {
-            Ok(d) => d,
-            Err(e) => {
-                if e == crate::gate::PauseError::AlreadyPaused {
-                    self.paused = false;
-                }
-                return Err(e.into());
-            }
-        };
+        let drained = drained?;
         self.report.sessions_cancelled = drained.cancelled.len();
         self.report.phases.push(report::Phase { name: Phase::Drain.as_str(), ms: ms(drained.drain) });
         self.phase = Phase::Fence;

@@ -98,6 +98,8 @@ fn setup() -> Fixture {
                 "host all trustuser 127.0.0.1/32 trust".into(),
             ],
             tls: Some((certs.cert_pem.clone(), certs.key_pem.clone())),
+            // Two-phase transactions on the source must refuse a cutover.
+            settings: vec!["max_prepared_transactions = 4".into()],
             ..Default::default()
         };
         let pair = Pair::start(&options).expect("start the blue/green clusters");
