@@ -100,7 +100,6 @@ fn setup() -> Fixture {
             tls: Some((certs.cert_pem.clone(), certs.key_pem.clone())),
             // Two-phase transactions on the source must refuse a cutover.
             settings: vec!["max_prepared_transactions = 4".into()],
-            ..Default::default()
         };
         let pair = Pair::start(&options).expect("start the blue/green clusters");
         certs.write_to(pair.blue.socket_dir());
