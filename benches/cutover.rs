@@ -225,7 +225,7 @@ async fn bench() -> anyhow::Result<()> {
         let idle = idle_sessions(handle.tcp_addr.port(), &db, n, true).await?;
         let proxy = handle.proxy.clone();
         let (lat, switch, report) = load(handle.tcp_addr.port(), &db, seconds, at, || async {
-            let report = pgcutover::cutover::run(&proxy, None, false).await;
+            let report = pgcutover::cutover::run(&proxy, pgcutover::cutover::Options::default()).await;
             if !report.committed() {
                 anyhow::bail!("cutover {}: {:?}", report.outcome.as_str(), report.reason);
             }

@@ -48,7 +48,7 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
             _ = usr1.recv() => {
                 let proxy = handle.proxy.clone();
                 tokio::spawn(async move {
-                    let report = crate::cutover::run(&proxy, None, false).await;
+                    let report = crate::cutover::run(&proxy, crate::cutover::Options::default()).await;
                     tracing::info!(outcome = report.outcome.as_str(), reason = ?report.reason, "SIGUSR1: cutover finished");
                 });
             }

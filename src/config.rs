@@ -170,6 +170,15 @@ pub struct CutoverConfig {
     /// known and left alone (any other such subscription refuses the cutover).
     #[serde(default)]
     pub other_subscriptions: Vec<String>,
+    /// Make the way back ready at each cutover: the old database subscribes to the
+    /// new one through a slot created at the switch point, so every write made
+    /// after the switch flows back and a cutover back loses nothing.
+    #[serde(default)]
+    pub reverse_replication: bool,
+    /// How the source reaches the target for reverse replication, as a libpq
+    /// connection string without dbname (default: the target's host, port, admin
+    /// user and password as the proxy sees them).
+    pub reverse_conninfo: Option<String>,
 }
 
 fn default_max_clients() -> usize {

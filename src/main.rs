@@ -97,14 +97,21 @@ async fn console(config: &std::path::Path, command: &str, json: bool) -> anyhow:
 
 /// CUTOVER and CHECK: print the answer; succeed only on a committed cutover or a
 /// preflight with nothing blocking.
-async fn cutover(config: &std::path::Path, verb: &str, to: Option<String>, force: bool, json: bool) -> anyhow::Result<()> {
+async fn cutover(config: &std::path::Path, verb: &str, a: CutoverArgs) -> anyhow::Result<()> {
     let mut command = verb.to_string();
-    if let Some(to) = to {
+    if let Some(to) = a.to {
         command.push_str(&format!(" \"{}\"", to.replace('"', "\"\"")));
     }
-    if force {
+    if a.force {
         command.push_str(" FORCE");
     }
+    if a.rehearse {
+        if verb != "CUTOVER" {
+            anyhow::bail!("--rehearse is for cutover");
+        }
+        command.push_str(" REHEARSE");
+    }
+    let json = a.json;
     let rows = pgcutover::cli::admin_command(config, &command).await?;
     let value = |name: &str| rows.iter().find(|r| r.first().and_then(|c| c.1.as_deref()) == Some(name)).and_then(|r| r.get(1)).and_then(|c| c.1.clone());
     if verb == "CUTOVER" {
@@ -116,6 +123,7 @@ async fn cutover(config: &std::path::Path, verb: &str, to: Option<String>, force
         }
         match value("outcome").as_deref() {
             Some("committed") => Ok(()),
+            Some("rehearsed") if a.rehearse => Ok(()),
             other => anyhow::bail!("cutover {}: {}", other.unwrap_or("failed"), value("reason").unwrap_or_default()),
         }
     } else {
@@ -138,6 +146,10 @@ struct CutoverArgs {
     /// Skip the preflight checks that do not guard data.
     #[arg(long)]
     force: bool,
+    /// Run every phase up to the point of no return, then roll back on purpose and
+    /// report what the real cutover would have cost (cutover only).
+    #[arg(long)]
+    rehearse: bool,
     #[arg(long)]
     json: bool,
 }
@@ -169,8 +181,8 @@ fn main() -> ExitCode {
             }
             Command::Resume { config, json } => console(&config, "RESUME", json).await,
             Command::Status { config, json } => console(&config, "SHOW STATUS", json).await,
-            Command::Cutover(a) => cutover(&a.config, "CUTOVER", a.to, a.force, a.json).await,
-            Command::Check(a) => cutover(&a.config, "CHECK", a.to, a.force, a.json).await,
+            Command::Cutover(a) => cutover(&a.config.clone(), "CUTOVER", a).await,
+            Command::Check(a) => cutover(&a.config.clone(), "CHECK", a).await,
             Command::Demo { seconds, plot } => pgcutover::demo::run(std::time::Duration::from_secs(seconds), &plot).await,
             Command::Loadtest { url, clients, duration, mode, workload, cutover_at, config, init, json, plot } => {
                 let parse = |d: &str| pgcutover::admin::command::parse_duration(d).map_err(|e| anyhow::anyhow!("{e}"));

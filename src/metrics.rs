@@ -103,7 +103,7 @@ pub fn render(proxy: &Proxy) -> String {
     histogram(&mut out, "hold_duration_seconds", "How long requests were held.", &stats.hold_us);
 
     metric(&mut out, "cutovers_total", "counter", "Cutovers by outcome.");
-    for (i, outcome) in ["committed", "rolled_back", "refused"].iter().enumerate() {
+    for (i, outcome) in ["committed", "rolled_back", "refused", "rehearsed"].iter().enumerate() {
         let _ = writeln!(out, "pgcutover_cutovers_total{{outcome=\"{outcome}\"}} {}", proxy.cutover.counts[i].load(Ordering::Relaxed));
     }
     metric(&mut out, "active_backend", "gauge", "1 for the backend that serves traffic.");

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::cut::{blue_writable, cutover, replicated, serial, unfence};
-use common::{fixture, Fixture};
+use common::fixture;
 
 #[tokio::test]
 async fn an_idle_session_moves_with_its_settings_prepared_statements_and_listens() {
@@ -71,39 +71,11 @@ async fn an_idle_session_moves_with_its_settings_prepared_statements_and_listens
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
-async fn bench_database(f: &Fixture, db: &str) {
-    f.blue().execute("postgres", &format!("CREATE DATABASE {db} OWNER app")).await.unwrap();
-    f.blue()
-        .execute(
-            db,
-            &format!(
-                "SET ROLE app; {} {}",
-                pgcutover::cluster::PGBENCH_SCHEMA,
-                pgcutover::cluster::pgbench_rows(10_000)
-            ),
-        )
-        .await
-        .unwrap();
-    // The pair's helper creates the database on green and subscribes it.
-    f.green().execute("postgres", &format!("CREATE DATABASE {db} OWNER app")).await.unwrap();
-    f.green().execute(db, &format!("SET ROLE app; {}", pgcutover::cluster::PGBENCH_SCHEMA)).await.unwrap();
-    f.blue().execute(db, "CREATE PUBLICATION pgcutover_pub FOR ALL TABLES").await.unwrap();
-    f.green()
-        .execute(db, &format!("CREATE SUBSCRIPTION {} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname={db}' PUBLICATION pgcutover_pub", pgcutover::cluster::subscription_name(db), f.blue().port))
-        .await
-        .unwrap();
-    let green = f.green().connect(db).await.unwrap();
-    assert!(
-        common::eventually(60, || async { green.query_one("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'", &[]).await.unwrap().get::<_, i64>(0) == 0 }).await,
-        "initial sync did not finish"
-    );
-}
-
 async fn cutover_under_pgbench(mode: &str) {
     let _serial = serial().await;
     let f = fixture();
     let db = format!("co_bench_{mode}");
-    bench_database(f, &db).await;
+    common::cut::bench_database(f, &db).await;
     let proxy = f.proxy(|c| c.cutover.drain_timeout = Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("tx.sql");

@@ -4,7 +4,7 @@
 //! SHOW { STATUS | SESSIONS | BACKENDS | STATS | CUTOVER }
 //! PAUSE [ duration ]        duration: 500ms, 2s, '1.5s', 250 (milliseconds)
 //! RESUME | RELOAD
-//! CUTOVER [ target ] [ FORCE ]
+//! CUTOVER [ target ] [ FORCE ] [ REHEARSE ]
 //! CHECK [ target ] [ FORCE ]
 //! ```
 //! Keywords are case-insensitive; identifiers may be double-quoted; one trailing
@@ -18,7 +18,7 @@ pub enum Command {
     Pause(Option<Duration>),
     Resume,
     Reload,
-    Cutover { target: Option<String>, force: bool },
+    Cutover { target: Option<String>, force: bool, rehearse: bool },
     Check { target: Option<String>, force: bool },
 }
 
@@ -156,15 +156,17 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
         "RELOAD" => no_more(0).map(|_| Command::Reload),
         "CUTOVER" | "CHECK" => {
             let mut target = None;
-            let mut force = false;
+            let (mut force, mut rehearse) = (false, false);
+            let options = if verb == "CUTOVER" { "FORCE and REHEARSE" } else { "FORCE" };
             for t in rest {
                 match t {
                     Token::Word(w) if w.eq_ignore_ascii_case("force") && !force => force = true,
-                    Token::Word(w) | Token::Ident(w) | Token::Quoted(w) if target.is_none() && !force => target = Some(w.clone()),
-                    t => return err(format!("{verb} takes a backend name and FORCE, not {}", describe(t))),
+                    Token::Word(w) if w.eq_ignore_ascii_case("rehearse") && !rehearse && verb == "CUTOVER" => rehearse = true,
+                    Token::Word(w) | Token::Ident(w) | Token::Quoted(w) if target.is_none() && !force && !rehearse => target = Some(w.clone()),
+                    t => return err(format!("{verb} takes a backend name, then {options}; not {}", describe(t))),
                 }
             }
-            Ok(if verb == "CUTOVER" { Command::Cutover { target, force } } else { Command::Check { target, force } })
+            Ok(if verb == "CUTOVER" { Command::Cutover { target, force, rehearse } } else { Command::Check { target, force } })
         }
         other => err(format!("unknown command {other}: try SHOW, PAUSE, RESUME, RELOAD, CHECK or CUTOVER")),
     }
@@ -192,9 +194,12 @@ mod tests {
         assert_eq!(parse("PAUSE '1.5s'").unwrap(), Command::Pause(Some(Duration::from_millis(1500))));
         assert_eq!(parse("pause 250").unwrap(), Command::Pause(Some(Duration::from_millis(250))));
         assert_eq!(parse("PAUSE 500ms").unwrap(), Command::Pause(Some(Duration::from_millis(500))));
-        assert_eq!(parse("CUTOVER \"green\"").unwrap(), Command::Cutover { target: Some("green".into()), force: false });
-        assert_eq!(parse("cutover").unwrap(), Command::Cutover { target: None, force: false });
-        assert_eq!(parse("CUTOVER green force").unwrap(), Command::Cutover { target: Some("green".into()), force: true });
+        assert_eq!(parse("CUTOVER \"green\"").unwrap(), Command::Cutover { target: Some("green".into()), force: false, rehearse: false });
+        assert_eq!(parse("cutover").unwrap(), Command::Cutover { target: None, force: false, rehearse: false });
+        assert_eq!(parse("CUTOVER green force").unwrap(), Command::Cutover { target: Some("green".into()), force: true, rehearse: false });
+        assert_eq!(parse("CUTOVER green REHEARSE").unwrap(), Command::Cutover { target: Some("green".into()), force: false, rehearse: true });
+        assert_eq!(parse("CUTOVER rehearse").unwrap(), Command::Cutover { target: None, force: false, rehearse: true });
+        assert!(parse("CHECK green rehearse").is_err());
         assert_eq!(parse("CHECK blue").unwrap(), Command::Check { target: Some("blue".into()), force: false });
         assert_eq!(parse("  resume ; ").unwrap(), Command::Resume);
     }

@@ -107,8 +107,8 @@ pub async fn execute(proxy: &Arc<Proxy>, sql: &str) -> Result<ResultSet, PgError
             Some(r) => ResultSet::key_values(r.pairs()),
             None => ResultSet::key_values(Vec::<(String, String)>::new()),
         }),
-        Command::Cutover { target, force } => {
-            let report = crate::cutover::run(proxy, target.as_deref(), force).await;
+        Command::Cutover { target, force, rehearse } => {
+            let report = crate::cutover::run(proxy, crate::cutover::Options { to: target, force, rehearse }).await;
             Ok(ResultSet::key_values(report.pairs()).tag("CUTOVER"))
         }
         Command::Check { target, force } => {

@@ -21,6 +21,13 @@ pub enum Phase {
     Repoint,
     MoveSessions,
     DisableSubscriptions,
+    /// A target fenced by an earlier cutover is opened to the application.
+    OpenTarget,
+    ReversePublication,
+    ReverseSlot,
+    ReverseSubscription,
+    /// A rehearsal's (or a failure's) way back.
+    Rollback,
 }
 
 impl Phase {
@@ -36,6 +43,11 @@ impl Phase {
             Phase::Repoint => "repoint",
             Phase::MoveSessions => "move_sessions",
             Phase::DisableSubscriptions => "disable_subscription",
+            Phase::Rollback => "rollback",
+            Phase::OpenTarget => "open_target",
+            Phase::ReversePublication => "reverse_publication",
+            Phase::ReverseSlot => "reverse_slot",
+            Phase::ReverseSubscription => "reverse_subscription",
         }
     }
 }
@@ -50,6 +62,9 @@ impl std::fmt::Display for Phase {
 pub enum CutoverError {
     #[error("a cutover is already running")]
     Busy,
+    /// Not a failure: a rehearsal stops here and rolls back on purpose.
+    #[error("rehearsal: stopped before the point of no return")]
+    Rehearsal,
     #[error("no backend named {0:?} (set --to or [cutover] target)")]
     NoBackend(String),
     #[error("{0} is already the active backend")]
@@ -77,6 +92,7 @@ impl CutoverError {
     pub fn kind(&self) -> &'static str {
         match self {
             CutoverError::Busy => "busy",
+            CutoverError::Rehearsal => "rehearsal",
             CutoverError::NoBackend(_) => "no_backend",
             CutoverError::AlreadyActive(_) => "already_active",
             CutoverError::Refused(_) => "refused",

@@ -75,7 +75,7 @@ async fn reloaded(c: &Client, before: &str, bound: Duration) -> Result<(), Cutov
         }
         if Instant::now() >= deadline {
             refuse_config_errors(c).await?;
-            return Err(CutoverError::Timeout { what: "the source's configuration reload".into(), bound });
+            return Err(CutoverError::Timeout { what: "the configuration reload".into(), bound });
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -142,6 +142,63 @@ pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: 
     reloaded(src, &before, plan.reload_bound).await?;
     hooks.at("fence.reloaded").await?;
     Ok(Fenced { roles, terminated: strangers.len() })
+}
+
+/// Opens the target to the application before a cutover moves there. A target
+/// that an earlier cutover fenced (the old database, when a cutover goes back) is
+/// read-only and its roles cannot log in; it becomes as writable as the source
+/// was, each step journaled so that a rollback fences it again.
+pub async fn open_target(dst: &Client, database: &str, roles: &[String], admin_user: &str, journal: &mut Journal, bound: Duration) -> Result<Vec<String>, CutoverError> {
+    let mut done = Vec::new();
+    dst.batch_execute("SET default_transaction_read_only = off").await?;
+    let rows = dst
+        .query("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1) AND NOT rolcanlogin AND rolname <> $2 ORDER BY 1", &[&roles, &admin_user])
+        .await?;
+    let locked: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    if !locked.is_empty() {
+        journal.record(Entry::TargetLogin { database: database.into(), roles: locked.clone() }).map_err(|e| CutoverError::Journal(e.to_string()))?;
+        let sql: String = locked.iter().map(|r| format!("ALTER ROLE {} LOGIN;", quote_ident(r))).collect();
+        dst.batch_execute(&sql).await?;
+        done.push(format!("LOGIN given back to {}", locked.join(", ")));
+    }
+    let previous = auto_conf_value(dst).await?;
+    if let Some(previous) = previous.filter(|v| ["on", "true", "yes", "1"].contains(&v.to_ascii_lowercase().as_str())) {
+        journal.record(Entry::TargetWritable { database: database.into(), previous }).map_err(|e| CutoverError::Journal(e.to_string()))?;
+        let before = load_time(dst).await?;
+        // ALTER SYSTEM refuses to run in a (multi-statement) transaction block.
+        dst.batch_execute("ALTER SYSTEM RESET default_transaction_read_only").await?;
+        dst.batch_execute("SELECT pg_reload_conf()").await?;
+        reloaded(dst, &before, bound).await?;
+        done.push("default_transaction_read_only reset in postgresql.auto.conf".into());
+    }
+    Ok(done)
+}
+
+/// Fences the target again as the journal says it was (a rollback of a cutover
+/// that had opened it).
+pub async fn undo_target(dst: &Client, entries: &[Entry]) -> Result<(), CutoverError> {
+    dst.batch_execute("SET default_transaction_read_only = off").await?;
+    let mut sql = String::new();
+    for e in entries.iter().rev() {
+        if let Entry::TargetLogin { roles, .. } = e {
+            for r in roles {
+                sql.push_str(&format!("ALTER ROLE {} NOLOGIN;", quote_ident(r)));
+            }
+        }
+    }
+    if !sql.is_empty() {
+        dst.batch_execute(&sql).await?;
+    }
+    if let Some(previous) = entries.iter().find_map(|e| match e {
+        Entry::TargetWritable { previous, .. } => Some(previous.clone()),
+        _ => None,
+    }) {
+        let before = load_time(dst).await?;
+        dst.batch_execute(&format!("ALTER SYSTEM SET default_transaction_read_only = {}", quote_literal(&previous))).await?;
+        dst.batch_execute("SELECT pg_reload_conf()").await?;
+        reloaded(dst, &before, Duration::from_secs(5)).await?;
+    }
+    Ok(())
 }
 
 /// Reverses the fence steps in `entries` through `src`: LOGIN back for the roles

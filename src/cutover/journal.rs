@@ -28,11 +28,42 @@ pub enum Entry {
     ReadOnly { database: String, previous: Option<String> },
     /// About to take LOGIN from these roles on the source (each had it).
     NoLogin { database: String, roles: Vec<String> },
+    /// About to `ALTER SYSTEM RESET default_transaction_read_only` on the target (a
+    /// former source, fenced by an earlier cutover); `previous` is what
+    /// postgresql.auto.conf held.
+    TargetWritable { database: String, previous: String },
+    /// About to give LOGIN back to these roles on the target (each lacked it).
+    TargetLogin { database: String, roles: Vec<String> },
+    /// About to create this publication on the target (the way back).
+    ReversePublication { database: String, name: String },
+    /// About to create this logical slot on the target (the way back).
+    ReverseSlot { database: String, name: String },
     /// The point of no return: the active backend becomes `target`; after it, the
-    /// target's subscriptions from the source are disabled (database, subscription).
-    Repoint { target: String, subscriptions: Vec<(String, String)> },
+    /// target's subscriptions from the source are disabled (database, subscription)
+    /// and the source subscribes to the target through each `reverse` slot.
+    Repoint {
+        target: String,
+        subscriptions: Vec<(String, String)>,
+        #[serde(default)]
+        reverse: Vec<super::reverse::Reverse>,
+    },
     /// The cutover ended, committed or rolled back, with nothing left to do.
     Finished { outcome: String },
+}
+
+impl Entry {
+    /// The database a step was made through, for the steps made in one.
+    pub fn database(&self) -> Option<&str> {
+        match self {
+            Entry::ReadOnly { database, .. }
+            | Entry::NoLogin { database, .. }
+            | Entry::TargetWritable { database, .. }
+            | Entry::TargetLogin { database, .. }
+            | Entry::ReversePublication { database, .. }
+            | Entry::ReverseSlot { database, .. } => Some(database),
+            Entry::Begin { .. } | Entry::Repoint { .. } | Entry::Finished { .. } => None,
+        }
+    }
 }
 
 /// Where the journal of a configuration lives, if it has a state file.

@@ -22,6 +22,7 @@ pub mod hooks;
 pub mod journal;
 pub mod preflight;
 pub mod report;
+pub mod reverse;
 mod sequences;
 mod sessions;
 
@@ -63,8 +64,8 @@ pub struct Controller {
     stop: tokio::sync::Notify,
     stopping: AtomicBool,
     last_report: Mutex<Option<CutoverReport>>,
-    /// Cutovers by outcome: committed, rolled back, refused.
-    pub counts: [AtomicU64; 3],
+    /// Cutovers by outcome: committed, rolled back, refused, rehearsed.
+    pub counts: [AtomicU64; 4],
     /// The target's replication lag (bytes) per database, as the last preflight saw it.
     pub lag: Mutex<std::collections::BTreeMap<String, i64>>,
     hook: Mutex<Option<Hook>>,
@@ -84,6 +85,7 @@ impl Controller {
             Outcome::Committed => 0,
             Outcome::RolledBack => 1,
             Outcome::Refused => 2,
+            Outcome::Rehearsed => 3,
         };
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         *self.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
@@ -114,13 +116,14 @@ pub struct Options {
     pub to: Option<String>,
     /// Go ahead despite failed checks that do not guard data.
     pub force: bool,
+    /// Run every phase up to the point of no return, then roll back on purpose.
+    pub rehearse: bool,
 }
 
 /// Runs one cutover as a task of its own and waits for its report. Dropping the
 /// returned future does not stop the cutover: it still ends in commit or rollback.
-pub async fn run(proxy: &Arc<Proxy>, to: Option<&str>, force: bool) -> CutoverReport {
+pub async fn run(proxy: &Arc<Proxy>, opts: Options) -> CutoverReport {
     let proxy2 = proxy.clone();
-    let opts = Options { to: to.map(str::to_owned), force };
     let task = tokio::spawn(async move { supervise(&proxy2, opts).await });
     match task.await {
         Ok(report) => report,
@@ -172,7 +175,22 @@ async fn supervise(proxy: &Arc<Proxy>, opts: Options) -> CutoverReport {
     report.id = seq;
     tracing::info!(id, from = %source.name, to = %target.name, "cutover starting");
     proxy.cutover.running.store(true, Ordering::SeqCst);
-    let mut run = Run { proxy: proxy.clone(), config, report, id, application_name, source, target, journal, databases: Vec::new(), paused: false, hooks: proxy.cutover.hooks(), sessions: Vec::new(), phase: Phase::Start };
+    let mut run = Run {
+        proxy: proxy.clone(),
+        config,
+        report,
+        id,
+        application_name,
+        source,
+        target,
+        journal,
+        databases: Vec::new(),
+        paused: false,
+        hooks: proxy.cutover.hooks(),
+        sessions: Vec::new(),
+        phase: Phase::Start,
+        rehearse: opts.rehearse,
+    };
     let report = run.execute(opts.force).await;
     proxy.cutover.running.store(false, Ordering::SeqCst);
     tracing::info!(report = %serde_json::to_string(&report).unwrap_or_default(), "cutover {}", report.outcome.as_str());
@@ -192,6 +210,8 @@ struct Database {
     src: Client,
     dst: Client,
     subscriptions: Vec<catchup::Subscription>,
+    /// With reverse replication: its names and the tables it publishes back.
+    reverse: Option<(reverse::Reverse, Vec<String>)>,
 }
 
 struct Run {
@@ -211,11 +231,23 @@ struct Run {
     sessions: Vec<Arc<crate::session::registry::SessionInfo>>,
     /// Where it is (a failure is reported against it).
     phase: Phase,
+    /// Stop before the repoint and roll back on purpose.
+    rehearse: bool,
 }
 
 impl Run {
     fn record(&mut self, phase: Phase, since: Instant) {
         self.report.phases.push(report::Phase { name: phase.as_str(), ms: ms(since.elapsed()) });
+    }
+
+    /// The roles the application logs in as: the fence takes their LOGIN on the
+    /// source, and a target fenced earlier gets it back.
+    fn roles(&self) -> Vec<String> {
+        let mut roles: Vec<String> = self.proxy.sessions.list().iter().map(|s| s.user.clone()).collect();
+        roles.extend(self.config.auth.users.iter().map(|u| u.name.clone()));
+        roles.sort();
+        roles.dedup();
+        roles
     }
 
     fn on_source(&self) -> Vec<Arc<crate::session::registry::SessionInfo>> {
@@ -262,6 +294,18 @@ impl Run {
         self.preflight(force).await?;
         self.hooks.at("preflight").await?;
 
+        // A target an earlier cutover fenced (the way back) takes logins and
+        // writes again before sessions log in there.
+        self.phase = Phase::OpenTarget;
+        let t = Instant::now();
+        let roles = self.roles();
+        let admin_user = self.target.config.admin_user.clone();
+        let db = &self.databases[0];
+        self.report.opened_target = fence::open_target(&db.dst, &db.name, &roles, &admin_user, &mut self.journal, self.config.cutover.max_pause).await?;
+        if !self.report.opened_target.is_empty() {
+            self.record(Phase::OpenTarget, t);
+        }
+
         // Prewarm: a logged-in target connection per session, the session's state
         // copied onto it, before anything pauses.
         self.phase = Phase::Prewarm;
@@ -272,6 +316,16 @@ impl Run {
         self.record(Phase::Prewarm, t);
         if !prewarm.failures.is_empty() {
             return Err(CutoverError::Refused(prewarm.failures.join("; ")));
+        }
+        if self.config.cutover.reverse_replication {
+            self.phase = Phase::ReversePublication;
+            let t = Instant::now();
+            for db in &self.databases {
+                if let Some((r, tables)) = &db.reverse {
+                    reverse::publish(&db.dst, r, tables, &mut self.journal).await?;
+                }
+            }
+            self.record(Phase::ReversePublication, t);
         }
         self.hooks.at("prewarm").await
     }
@@ -292,10 +346,7 @@ impl Run {
         let drain = crate::gate::drain(&proxy, closed, Some(cut.drain_timeout), cut.on_drain_timeout);
         // The fence runs while the drain does: a transaction already running keeps
         // its read-write state until it ends (see fence.rs).
-        let mut roles: Vec<String> = self.sessions.iter().map(|s| s.user.clone()).collect();
-        roles.extend(config.auth.users.iter().map(|u| u.name.clone()));
-        roles.sort();
-        roles.dedup();
+        let roles = self.roles();
         let keep: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
         let (journal, hooks, db) = (&mut self.journal, &self.hooks, &self.databases[0]);
         let admin_user = &self.source.config.admin_user;
@@ -345,9 +396,10 @@ impl Run {
         self.phase = Phase::Sequences;
         let t = Instant::now();
         let margin = cut.sequence_margin;
+        let rehearse = self.rehearse;
         let copied = futures::future::join_all(self.databases.iter().map(|db| async move {
             let positions = sequences::read(&db.src, margin).await?;
-            sequences::apply(&db.dst, &positions).await
+            sequences::apply(&db.dst, &positions, rehearse).await
         }))
         .await;
         for c in copied {
@@ -355,12 +407,28 @@ impl Run {
         }
         self.record(Phase::Sequences, t);
         self.hooks.at("sequences").await?;
+        // The way back starts here: the target has everything the source had, and
+        // no client has written to it yet.
+        if self.config.cutover.reverse_replication {
+            self.phase = Phase::ReverseSlot;
+            let t = Instant::now();
+            for db in &self.databases {
+                if let Some((r, _)) = &db.reverse {
+                    reverse::slot(&db.dst, r, &mut self.journal).await?;
+                }
+            }
+            self.record(Phase::ReverseSlot, t);
+        }
+        if self.rehearse {
+            return Err(CutoverError::Rehearsal);
+        }
         self.phase = Phase::Repoint;
         self.hooks.at("repoint").await?;
         // The point of no return, journaled first: a crash after this line rolls
         // forward at the next start.
         let subscriptions = self.databases.iter().flat_map(|db| db.subscriptions.iter().map(|s| (db.name.clone(), s.name.clone()))).collect();
-        self.journal.record(Entry::Repoint { target: self.target.name.clone(), subscriptions }).map_err(|e| CutoverError::Journal(e.to_string()))
+        let reverse = self.databases.iter().filter_map(|db| db.reverse.as_ref().map(|(r, _)| r.clone())).collect();
+        self.journal.record(Entry::Repoint { target: self.target.name.clone(), subscriptions, reverse }).map_err(|e| CutoverError::Journal(e.to_string()))
     }
 
     async fn preflight(&mut self, force: bool) -> Result<(), CutoverError> {
@@ -376,7 +444,7 @@ impl Run {
             let src = control::connect(&self.source.config, name, &self.application_name).await?;
             let dst = control::connect(&self.target.config, name, &self.application_name).await?;
             let subscriptions = catchup::subscriptions(&src, &dst).await?;
-            self.databases.push(Database { name: name.clone(), src, dst, subscriptions });
+            self.databases.push(Database { name: name.clone(), src, dst, subscriptions, reverse: None });
         }
         let our_pids: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
         let mut problems = Vec::new();
@@ -391,6 +459,19 @@ impl Run {
             }
             // Only the subscriptions from the source are waited for and disabled.
             db.subscriptions.retain(|s| s.from_source);
+        }
+        if cut.reverse_replication {
+            for (i, db) in self.databases.iter_mut().enumerate() {
+                let oids: Vec<u32> = db.subscriptions.iter().map(|s| s.oid).collect();
+                let tables = reverse::tables(&db.dst, &oids).await?;
+                for c in reverse::check(&db.name, &db.src, &db.dst, &tables).await? {
+                    if !c.ok {
+                        problems.push(c.to_string());
+                    }
+                    self.report.preflight.push(c.to_string());
+                }
+                db.reverse = Some((reverse::Reverse::new(&self.id, i, &db.name), tables));
+            }
         }
         self.record(Phase::Preflight, t);
         if !problems.is_empty() {
@@ -438,6 +519,32 @@ impl Run {
             }
         }
         self.record(Phase::DisableSubscriptions, t);
+
+        // The way back: the old database subscribes to the new one.
+        if self.config.cutover.reverse_replication {
+            let t = Instant::now();
+            for db in &self.databases {
+                let Some((r, _)) = &db.reverse else { continue };
+                let conninfo = reverse::conninfo(&self.target.config, self.config.cutover.reverse_conninfo.as_deref(), &db.name);
+                let line = match reverse::subscribe(&db.src, r, &conninfo).await {
+                    Ok(()) => format!("{}: subscription {} on {} streams from slot {} on {}", db.name, r.name, self.source.name, r.name, self.target.name),
+                    Err(e) => {
+                        tracing::error!(database = %db.name, error = %e, "could not create the reverse subscription");
+                        format!(
+                            "{}: FAILED ({e}); slot {} on {} keeps the writes since the switch: run on {} (database {}): {}",
+                            db.name,
+                            r.name,
+                            self.target.name,
+                            self.source.name,
+                            db.name,
+                            reverse::subscription_sql(r, "<connection to the target>")
+                        )
+                    }
+                };
+                self.report.reverse_replication.push(line);
+            }
+            self.record(Phase::ReverseSubscription, t);
+        }
         let journal = std::mem::replace(&mut self.journal, Journal::detached());
         if let Err(e) = journal.finish("committed") {
             tracing::error!(error = %e, "could not close the cutover journal");
@@ -462,11 +569,16 @@ impl Run {
     /// Leaves everything on the source: the fence undone from the journal (on fresh
     /// connections, retried), the gate open, prepared connections closed.
     async fn rollback(&mut self, f: Failure) -> CutoverReport {
-        tracing::warn!(phase = %f.phase, kind = f.error.kind(), reason = %f.error, "cutover failed; rolling back");
+        let rollback_started = Instant::now();
+        if matches!(f.error, CutoverError::Rehearsal) {
+            tracing::info!("rehearsal complete; rolling back on purpose");
+        } else {
+            tracing::warn!(phase = %f.phase, kind = f.error.kind(), reason = %f.error, "cutover failed; rolling back");
+        }
         let mut reason = f.error.to_string();
         let entries = self.journal.entries().to_vec();
         let journal = std::mem::replace(&mut self.journal, Journal::detached());
-        match undo(&self.source.config, &entries, UNDO_TIMEOUT).await {
+        match undo(&self.source.config, Some(&self.target.config), &entries, UNDO_TIMEOUT).await {
             Ok(()) => {
                 if let Err(e) = journal.finish("rolled back") {
                     tracing::error!(error = %e, "could not close the cutover journal");
@@ -475,11 +587,11 @@ impl Run {
             Err(e) => {
                 tracing::error!(error = %e, "UNDO FAILED: the source may still be fenced; retrying in the background, and the next start finishes it from the journal");
                 reason = format!("{reason}; and undoing the fence failed so far: {e} (retrying)");
-                let source = self.source.config.clone();
+                let (source, target) = (self.source.config.clone(), self.target.config.clone());
                 tokio::spawn(async move {
                     loop {
                         tokio::time::sleep(Duration::from_secs(5)).await;
-                        if undo(&source, &entries, UNDO_TIMEOUT).await.is_ok() {
+                        if undo(&source, Some(&target), &entries, UNDO_TIMEOUT).await.is_ok() {
                             tracing::info!("the source's fence is undone");
                             let _ = journal.finish("rolled back");
                             return;
@@ -491,6 +603,12 @@ impl Run {
         self.resume();
         sessions::discard(&self.sessions);
         let mut report = std::mem::replace(&mut self.report, CutoverReport::new(0, "", ""));
+        if matches!(f.error, CutoverError::Rehearsal) && !reason.contains("undoing the fence failed") {
+            // What the real cutover would have cost, the rollback's undo not counted.
+            report.outcome = Outcome::Rehearsed;
+            report.phases.push(report::Phase { name: Phase::Rollback.as_str(), ms: ms(rollback_started.elapsed()) });
+            return report;
+        }
         report.outcome = if f.phase == Phase::Preflight { Outcome::Refused } else { Outcome::RolledBack };
         report.failed_phase = Some(f.phase.as_str().into());
         report.reason = Some(reason);
@@ -498,38 +616,67 @@ impl Run {
     }
 }
 
-/// Undoes the fence steps in `entries` on fresh connections to the source, retried
-/// until `bound`. First ends any statement a control connection of the same cutover
-/// still runs (a predecessor that crashed, or this run's abandoned step).
-async fn undo(source: &BackendConfig, entries: &[Entry], bound: Duration) -> Result<(), CutoverError> {
-    let Some(database) = entries.iter().find_map(|e| match e {
-        Entry::ReadOnly { database, .. } | Entry::NoLogin { database, .. } => Some(database.clone()),
-        _ => None,
-    }) else {
-        return Ok(());
-    };
+/// Undoes what `entries` hold on fresh connections, retried until `bound`: the
+/// source's fence first (held sessions wait on it), then on the target the way
+/// back's slot and publication and the opening of a target fenced earlier. On each
+/// side it first ends any statement a control connection of the same cutover still
+/// runs (a predecessor that crashed, or this run's abandoned step).
+async fn undo(source: &BackendConfig, target: Option<&BackendConfig>, entries: &[Entry], bound: Duration) -> Result<(), CutoverError> {
+    let deadline = Instant::now() + bound;
+    let on_source = |e: &Entry| matches!(e, Entry::ReadOnly { .. } | Entry::NoLogin { .. });
+    if let Some(database) = entries.iter().find(|e| on_source(e)).and_then(Entry::database) {
+        undo_side(source, database, Side::Source, entries, deadline).await?;
+    }
+    let Some(target) = target else { return Ok(()) };
+    let on_target: Vec<&Entry> = entries.iter().filter(|e| !on_source(e)).collect();
+    let databases: BTreeSet<&str> = on_target.iter().filter_map(|e| e.database()).collect();
+    for database in databases {
+        let these: Vec<Entry> = entries.iter().filter(|e| matches!(e, Entry::Begin { .. }) || (!on_source(e) && e.database() == Some(database))).cloned().collect();
+        undo_side(target, database, Side::Target, &these, deadline).await?;
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Target,
+}
+
+async fn undo_side(backend: &BackendConfig, database: &str, side: Side, entries: &[Entry], deadline: Instant) -> Result<(), CutoverError> {
     let orphans = entries.iter().find_map(|e| match e {
         Entry::Begin { application_name, .. } => Some(application_name.clone()),
         _ => None,
     });
-    let deadline = Instant::now() + bound;
-    let mut last = None;
-    while Instant::now() < deadline {
+    let what = match side {
+        Side::Source => "undoing the fence on the source",
+        Side::Target => "undoing the cutover's changes on the target",
+    };
+    let bound = deadline.saturating_duration_since(Instant::now());
+    loop {
         let attempt = async {
-            let c = control::connect(source, &database, "pgcutover undo").await?;
+            let c = control::connect(backend, database, "pgcutover undo").await?;
             if let Some(name) = &orphans {
                 c.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()", &[name]).await?;
             }
-            fence::undo(&c, entries).await
+            match side {
+                Side::Source => fence::undo(&c, entries).await,
+                Side::Target => {
+                    reverse::undo(&c, entries).await?;
+                    fence::undo_target(&c, entries).await
+                }
+            }
         };
-        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)), attempt).await {
+        let last = match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)), attempt).await {
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => last = Some(e),
-            Err(_) => last = Some(CutoverError::Timeout { what: "undoing the fence".into(), bound }),
+            Ok(Err(e)) => e,
+            Err(_) => CutoverError::Timeout { what: what.into(), bound },
+        };
+        if Instant::now() >= deadline {
+            return Err(last);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(last.unwrap_or(CutoverError::Timeout { what: "undoing the fence".into(), bound }))
 }
 
 /// Finishes a cutover that a previous run of the proxy left unfinished (it crashed
@@ -546,16 +693,23 @@ pub async fn recover(config: &Config, path: &std::path::Path) -> anyhow::Result<
         return Ok(None);
     };
     let repointed = entries.iter().find_map(|e| match e {
-        Entry::Repoint { subscriptions, .. } => Some(subscriptions.clone()),
+        Entry::Repoint { subscriptions, reverse, .. } => Some((subscriptions.clone(), reverse.clone())),
         _ => None,
     });
     match repointed {
-        Some(subscriptions) => {
+        Some((subscriptions, reversed)) => {
             tracing::warn!(journal = %path.display(), %target, "an unfinished cutover had passed its repoint: finishing it forward");
             if let Some(b) = config.backends.get(&target) {
                 for (db, sub) in subscriptions {
                     let c = control::connect(b, &db, "pgcutover recover").await?;
                     c.batch_execute(&format!("ALTER SUBSCRIPTION {} DISABLE", crate::session::migrate::quote_ident(&sub))).await?;
+                }
+                if let Some(s) = config.backends.get(&source) {
+                    for r in reversed {
+                        let c = control::connect(s, &r.database, "pgcutover recover").await?;
+                        let conninfo = reverse::conninfo(b, config.cutover.reverse_conninfo.as_deref(), &r.database);
+                        reverse::subscribe(&c, &r, &conninfo).await.map_err(|e| anyhow::anyhow!("cannot create the reverse subscription {} on {source}: {e}; the journal {} stays", r.name, path.display()))?;
+                    }
                 }
             }
             journal::remove(path)?;
@@ -564,7 +718,7 @@ pub async fn recover(config: &Config, path: &std::path::Path) -> anyhow::Result<
         None => {
             tracing::warn!(journal = %path.display(), %source, "an unfinished cutover had not reached its repoint: undoing its fence on the source");
             let b = config.backends.get(&source).ok_or_else(|| anyhow::anyhow!("the journal names backend {source:?}, which the configuration no longer has"))?;
-            undo(b, &entries, UNDO_TIMEOUT).await.map_err(|e| anyhow::anyhow!("cannot undo the unfinished cutover's fence on {source}: {e}; the journal {} stays", path.display()))?;
+            undo(b, config.backends.get(&target), &entries, UNDO_TIMEOUT).await.map_err(|e| anyhow::anyhow!("cannot undo the unfinished cutover's fence on {source}: {e}; the journal {} stays", path.display()))?;
             journal::remove(path)?;
             Ok(Some(source))
         }
@@ -590,6 +744,11 @@ pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<p
         let dst = control::connect(&target.config, &db, "pgcutover check").await?;
         let subs = catchup::subscriptions(&src, &dst).await?;
         all.extend(preflight::check_database(&db, &src, &dst, &subs, &our_pids, &settings, Some(&proxy.cutover.lag)).await?);
+        if config.cutover.reverse_replication {
+            let oids: Vec<u32> = subs.iter().filter(|s| s.from_source).map(|s| s.oid).collect();
+            let tables = reverse::tables(&dst, &oids).await?;
+            all.extend(reverse::check(&db, &src, &dst, &tables).await?);
+        }
     }
     Ok(all)
 }

@@ -18,7 +18,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(name: impl Into<String>, guards_data: bool, problem: Option<String>) -> Check {
+    pub fn new(name: impl Into<String>, guards_data: bool, problem: Option<String>) -> Check {
         Check { name: name.into(), ok: problem.is_none(), guards_data, detail: problem.unwrap_or_default() }
     }
 }

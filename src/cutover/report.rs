@@ -12,6 +12,9 @@ pub enum Outcome {
     RolledBack,
     /// Refused before anything was touched (preflight, another cutover running).
     Refused,
+    /// A rehearsal: every phase up to the point of no return ran, then it rolled
+    /// back on purpose.
+    Rehearsed,
 }
 
 impl Outcome {
@@ -20,6 +23,7 @@ impl Outcome {
             Outcome::Committed => "committed",
             Outcome::RolledBack => "rolled back",
             Outcome::Refused => "refused",
+            Outcome::Rehearsed => "rehearsed",
         }
     }
 }
@@ -71,6 +75,11 @@ pub struct CutoverReport {
     pub sequences_copied: u64,
     pub catchup: Vec<Catchup>,
     pub preflight: Vec<String>,
+    /// What a cutover to a target fenced by an earlier one did to open it.
+    pub opened_target: Vec<String>,
+    /// The way back, per database: the source's subscription to the target, or
+    /// why it could not be made and the statement that would make it.
+    pub reverse_replication: Vec<String>,
 }
 
 pub fn ms(d: Duration) -> f64 {
@@ -103,6 +112,8 @@ impl CutoverReport {
             sequences_copied: 0,
             catchup: Vec::new(),
             preflight: Vec::new(),
+            opened_target: Vec::new(),
+            reverse_replication: Vec::new(),
         }
     }
 
@@ -139,6 +150,12 @@ impl CutoverReport {
         ]);
         for c in &self.catchup {
             v.push((format!("catchup_{}", c.database), format!("{} reached after {:.3} ms ({})", c.lsn, c.reached_after_ms, c.detected_by)));
+        }
+        if !self.opened_target.is_empty() {
+            v.push(("opened_target".into(), self.opened_target.join("; ")));
+        }
+        for (i, r) in self.reverse_replication.iter().enumerate() {
+            v.push((format!("reverse_replication_{}", i + 1), r.clone()));
         }
         for (i, p) in self.preflight.iter().enumerate() {
             v.push((format!("preflight_{}", i + 1), p.clone()));

@@ -83,7 +83,8 @@ pub async fn read(src: &Client, margin: i64) -> Result<Vec<Position>, CutoverErr
 
 /// Sets `positions` on the target in one statement; returns how many were set (a
 /// sequence already at or past its position is left alone).
-pub async fn apply(dst: &Client, positions: &[Position]) -> Result<u64, CutoverError> {
+/// With `rehearse`, nothing is set: the answer is how many would be.
+pub async fn apply(dst: &Client, positions: &[Position], rehearse: bool) -> Result<u64, CutoverError> {
     if positions.is_empty() {
         return Ok(0);
     }
@@ -97,9 +98,9 @@ pub async fn apply(dst: &Client, positions: &[Position]) -> Result<u64, CutoverE
              m AS (SELECT t.*, q.increment_by AS inc, coalesce(q.last_value::numeric + q.increment_by, q.start_value) AS here \
                    FROM t LEFT JOIN pg_sequences q ON format('%I.%I', q.schemaname, q.sequencename) = t.s) \
              SELECT coalesce(array_agg(s) FILTER (WHERE inc IS NULL), '{}'), \
-                    count(setval(s::regclass, v, called)) FILTER (WHERE inc IS NOT NULL AND ((inc > 0 AND here < next::numeric) OR (inc < 0 AND here > next::numeric))) \
+                    count(CASE WHEN $5 THEN v ELSE setval(s::regclass, v, called) END) FILTER (WHERE inc IS NOT NULL AND ((inc > 0 AND here < next::numeric) OR (inc < 0 AND here > next::numeric))) \
              FROM m",
-            &[&names, &values, &called, &next],
+            &[&names, &values, &called, &next, &rehearse],
         )
         .await?;
     let missing: Vec<String> = row.get(0);

@@ -11,8 +11,13 @@ use tokio::sync::oneshot;
 use crate::backend::BackendTarget;
 use crate::session::registry::{Control, Moved, Prewarmed, SessionInfo};
 
-/// How many logins run at once while prewarming.
-const PREWARM_CONCURRENCY: usize = 32;
+/// How many logins (and the state copies they start) run at once while
+/// prewarming: two per core. Prewarm is before the pause, so its length costs
+/// nothing, but a login storm (SCRAM on both sides, a fork per backend) takes the
+/// cores from the application's running transactions.
+fn prewarm_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+}
 
 pub struct Prewarm {
     /// Sessions whose state is on their prepared connection.
@@ -36,7 +41,7 @@ pub async fn prewarm(sessions: &[Arc<SessionInfo>], target: &Arc<BackendTarget>,
                 (s, target, conn)
             }
         })
-        .buffer_unordered(PREWARM_CONCURRENCY);
+        .buffer_unordered(prewarm_concurrency());
     while let Some((s, target, conn)) = logins.next().await {
         match conn {
             Ok(conn) => {

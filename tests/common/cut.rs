@@ -50,3 +50,60 @@ pub async fn blue_writable(f: &Fixture, db: &str) {
 pub fn auto_conf(c: &Cluster) -> String {
     std::fs::read_to_string(c.data_dir().join("postgresql.auto.conf")).unwrap()
 }
+
+/// A database with pgbench's tables and `orders` on both sides, green subscribed.
+pub async fn bench_database(f: &Fixture, db: &str) {
+    f.blue().execute("postgres", &format!("CREATE DATABASE {db} OWNER app")).await.unwrap();
+    f.blue()
+        .execute(
+            db,
+            &format!(
+                "SET ROLE app; {} {}",
+                pgcutover::cluster::PGBENCH_SCHEMA,
+                pgcutover::cluster::pgbench_rows(10_000)
+            ),
+        )
+        .await
+        .unwrap();
+    // The pair's helper creates the database on green and subscribes it.
+    f.green().execute("postgres", &format!("CREATE DATABASE {db} OWNER app")).await.unwrap();
+    f.green().execute(db, &format!("SET ROLE app; {}", pgcutover::cluster::PGBENCH_SCHEMA)).await.unwrap();
+    f.blue().execute(db, "CREATE PUBLICATION pgcutover_pub FOR ALL TABLES").await.unwrap();
+    f.green()
+        .execute(db, &format!("CREATE SUBSCRIPTION {} CONNECTION 'host=127.0.0.1 port={} user=postgres dbname={db}' PUBLICATION pgcutover_pub", pgcutover::cluster::subscription_name(db), f.blue().port))
+        .await
+        .unwrap();
+    let green = f.green().connect(db).await.unwrap();
+    assert!(
+        super::eventually(60, || async { green.query_one("SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'", &[]).await.unwrap().get::<_, i64>(0) == 0 }).await,
+        "initial sync did not finish"
+    );
+}
+
+/// pgbench through `port` for `seconds` with the tpcb-like + orders script;
+/// returns how many transactions committed and pgbench's output. Asserts that none
+/// failed.
+pub async fn pgbench(port: u16, db: &str, mode: &str, clients: u32, seconds: u32) -> (i64, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("tx.sql");
+    std::fs::write(&script, pgcutover::cluster::pgbench_script(10_000)).unwrap();
+    let url = format!("host=127.0.0.1 port={port} user=app dbname={db}");
+    let out = tokio::process::Command::new(super::pg_program("pgbench"))
+        .args(["-n", "-M", mode, "-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), "-f"])
+        .arg(&script)
+        .arg(&url)
+        .env("PGPASSWORD", super::PASSWORD)
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("number of failed transactions: 0 "), "{text}");
+    let processed = text
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    (processed, text)
+}

@@ -1,0 +1,185 @@
+//! The way back: with `[cutover] reverse_replication = true`, every write made on
+//! the new database after the switch flows back to the old one, so that a cutover
+//! back loses nothing.
+//!
+//! - Before the pause, a publication on the target of the tables the forward
+//!   subscriptions replicate. It must exist before the slot: pgoutput looks
+//!   publications up as of each decoded change, and a change decoded before its
+//!   publication existed is an error the subscriber retries forever.
+//! - Inside the pause, after catch-up (the source is fenced and the target has
+//!   applied everything, and no client writes reach the target yet), a logical
+//!   slot on the target: its consistent point is the switch point. Creating it
+//!   waits for transactions running on the target to end, within max_pause.
+//! - After resume, a subscription on the source that uses that slot, with no
+//!   initial copy. The source stays fenced: an apply worker writes regardless of
+//!   `default_transaction_read_only`, and it logs in as the admin user, whose
+//!   LOGIN the fence never takes.
+//!
+//! The publication and the slot are journaled before they are made, and a rollback
+//! drops them. The subscription is made after the point of no return; one that
+//! cannot be made is reported with the statement that would make it.
+
+use tokio_postgres::Client;
+
+use super::journal::{Entry, Journal};
+use super::preflight::Check;
+use super::CutoverError;
+use crate::config::{BackendConfig, BackendTlsMode};
+use crate::session::migrate::{quote_ident, quote_literal};
+
+/// The names of one database's way back: the publication on the target and the
+/// subscription on the source share `name`, the slot on the target too (slot
+/// names are cluster-wide, so each database of a cutover has its own).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reverse {
+    pub database: String,
+    pub name: String,
+}
+
+impl Reverse {
+    pub fn new(cutover_id: &str, index: usize, database: &str) -> Reverse {
+        let id: String = cutover_id.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+        Reverse { database: database.into(), name: format!("pgcutover_back_{id}_{index}") }
+    }
+}
+
+/// The tables the forward subscriptions replicate into the target's database.
+pub async fn tables(dst: &Client, subscriptions: &[u32]) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = dst
+        .query(
+            "SELECT DISTINCT format('%I.%I', n.nspname, c.relname) FROM pg_subscription_rel r \
+             JOIN pg_class c ON c.oid = r.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE r.srsubid = ANY($1) ORDER BY 1",
+            &[&subscriptions],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What the way back needs, checked before anything is touched: logical WAL, a free
+/// slot and walsender on the target, replication rights there, and on the source
+/// a superuser (CREATE SUBSCRIPTION) and a free apply worker.
+pub async fn check(db: &str, src: &Client, dst: &Client, tables: &[String]) -> Result<Vec<Check>, tokio_postgres::Error> {
+    let mut missing = Vec::new();
+    let row = dst
+        .query_one(
+            "SELECT current_setting('wal_level'), \
+                    current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)::int, \
+                    current_setting('max_wal_senders')::int - (SELECT count(*) FROM pg_stat_replication)::int, \
+                    (SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await?;
+    let (wal_level, slots, senders, replication): (String, i32, i32, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    if wal_level != "logical" {
+        missing.push(format!("the target's wal_level is {wal_level}, not logical (a restart is needed to change it)"));
+    }
+    if slots < 1 {
+        missing.push("the target has no free replication slot (max_replication_slots)".to_string());
+    }
+    if senders < 1 {
+        missing.push("the target has no free walsender (max_wal_senders)".to_string());
+    }
+    if !replication {
+        missing.push("the target's admin user has neither SUPERUSER nor REPLICATION".to_string());
+    }
+    if tables.is_empty() {
+        missing.push("the forward subscriptions replicate no table".to_string());
+    }
+    let row = src
+        .query_one(
+            "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), \
+                    current_setting('max_logical_replication_workers')::int - (SELECT count(*) FROM pg_stat_subscription)::int",
+            &[],
+        )
+        .await?;
+    let (superuser, workers): (bool, i32) = (row.get(0), row.get(1));
+    if !superuser {
+        missing.push("the source's admin user is not a superuser (CREATE SUBSCRIPTION needs one)".to_string());
+    }
+    if workers < 1 {
+        missing.push("the source has no free logical replication worker (max_logical_replication_workers)".to_string());
+    }
+    let problem = (!missing.is_empty()).then(|| missing.join("; "));
+    Ok(vec![Check::new(format!("{db}: reverse replication possible (target → source after the switch)"), true, problem)])
+}
+
+fn journal_err(e: std::io::Error) -> CutoverError {
+    CutoverError::Journal(e.to_string())
+}
+
+/// Creates the publication on the target (before the pause).
+pub async fn publish(dst: &Client, r: &Reverse, tables: &[String], journal: &mut Journal) -> Result<(), CutoverError> {
+    journal.record(Entry::ReversePublication { database: r.database.clone(), name: r.name.clone() }).map_err(journal_err)?;
+    dst.batch_execute(&format!("SET default_transaction_read_only = off; CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&r.name), tables.join(", "))).await?;
+    Ok(())
+}
+
+/// Creates the slot on the target at the switch point (inside the pause, after
+/// catch-up); returns its consistent point.
+pub async fn slot(dst: &Client, r: &Reverse, journal: &mut Journal) -> Result<String, CutoverError> {
+    journal.record(Entry::ReverseSlot { database: r.database.clone(), name: r.name.clone() }).map_err(journal_err)?;
+    let row = dst.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&r.name]).await?;
+    Ok(row.get(0))
+}
+
+/// The connection string the source's subscription uses to reach the target.
+pub fn conninfo(target: &BackendConfig, configured: Option<&str>, database: &str) -> String {
+    let base = match configured {
+        Some(c) => c.to_string(),
+        None => {
+            let mut s = format!("host={} port={} user={}", quote_literal(&target.host), target.port, quote_literal(&target.admin_user));
+            if let Some(p) = &target.admin_password {
+                s.push_str(&format!(" password={}", quote_literal(p)));
+            }
+            let sslmode = match target.tls {
+                BackendTlsMode::Disable => "disable",
+                BackendTlsMode::Prefer => "prefer",
+                BackendTlsMode::Require => "require",
+                BackendTlsMode::VerifyFull => "verify-full",
+            };
+            s.push_str(&format!(" sslmode={sslmode}"));
+            s
+        }
+    };
+    format!("{base} dbname={}", quote_literal(database))
+}
+
+/// The statement that makes the source subscribe to the target through the slot.
+pub fn subscription_sql(r: &Reverse, conninfo: &str) -> String {
+    format!(
+        "CREATE SUBSCRIPTION {name} CONNECTION {conn} PUBLICATION {name} WITH (create_slot = false, slot_name = {slot}, copy_data = false)",
+        name = quote_ident(&r.name),
+        conn = quote_literal(conninfo),
+        slot = quote_literal(&r.name),
+    )
+}
+
+/// Makes the source subscribe (after the switch). Safe to run again: an existing
+/// subscription of that name is left as it is.
+pub async fn subscribe(src: &Client, r: &Reverse, conninfo: &str) -> Result<(), CutoverError> {
+    src.batch_execute("SET default_transaction_read_only = off").await?;
+    let exists = src.query_opt("SELECT 1 FROM pg_subscription WHERE subname = $1 AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())", &[&r.name]).await?;
+    if exists.is_none() {
+        src.batch_execute(&subscription_sql(r, conninfo)).await?;
+    }
+    Ok(())
+}
+
+/// Drops what the journal says was made on the target: the slot, then the
+/// publication. Safe to run twice, and on steps journaled but not made.
+pub async fn undo(dst: &Client, entries: &[Entry]) -> Result<(), CutoverError> {
+    dst.batch_execute("SET default_transaction_read_only = off").await?;
+    for e in entries.iter().rev() {
+        match e {
+            Entry::ReverseSlot { name, .. } => {
+                dst.query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[name]).await?;
+            }
+            Entry::ReversePublication { name, .. } => {
+                dst.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name))).await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
