@@ -205,7 +205,7 @@ fn main() -> ExitCode {
                     report.print();
                 }
                 let lost = report.lost_writes.as_ref().is_some_and(|l| !l.ok);
-                let failed_cutover = report.cutover.as_ref().is_some_and(|c| c["outcome"] != "committed");
+                let failed_cutover = !report.cutover_committed();
                 if lost || failed_cutover {
                     anyhow::bail!("{}", if lost { "writes were lost" } else { "the cutover did not commit" });
                 }

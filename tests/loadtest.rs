@@ -66,9 +66,11 @@ async fn loadtest_with_a_cutover_lines_up_the_proxy_report_and_plots_it() {
     for c in [&pair.blue, &pair.green] {
         c.execute("postgres", &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'")).await.unwrap();
     }
+    // Replicated FOR ALL TABLES, the usual setup, with no table yet: --init creates
+    // the workload's tables on green first, then through the proxy on blue, and
+    // refreshes green's subscription.
     let db = "lt_cutover";
-    pair.replicated_database(db, "app", pgcutover::loadtest::workload::SCHEMA).await.unwrap();
-    pair.blue.execute(db, &pgcutover::loadtest::workload::fill_accounts()).await.unwrap();
+    pair.replicated_database(db, "app", "SELECT 1").await.unwrap();
     let (own_blue, own_green) = (pair.blue.port, pair.green.port);
     let s = Served::start(|t| {
         t.replace(&format!("port = {}", f.blue().port), &format!("port = {own_blue}")).replace(&format!("port = {}", f.green().port), &format!("port = {own_green}"))
@@ -78,7 +80,7 @@ async fn loadtest_with_a_cutover_lines_up_the_proxy_report_and_plots_it() {
     let plot = s.dir.path().join("run.svg");
     let config = s.config_path();
     let (ok, out, err) = loadtest(&[
-        "--url", &url, "--clients", "8", "--duration", "3s", "--cutover-at", "1s",
+        "--url", &url, "--clients", "8", "--duration", "3s", "--cutover-at", "1s", "--init",
         "--config", config.to_str().unwrap(), "--plot", plot.to_str().unwrap(), "--json",
     ])
     .await;
@@ -96,6 +98,44 @@ async fn loadtest_with_a_cutover_lines_up_the_proxy_report_and_plots_it() {
     // Every order landed on green, where the proxy ends.
     let on_green: i64 = pair.green.connect(db).await.unwrap().query_one("SELECT count(*) FROM loadtest_orders", &[]).await.unwrap().get(0);
     assert_eq!(on_green as u64, r["lost_writes"]["committed"].as_u64().unwrap());
+}
+
+#[tokio::test]
+async fn a_cutover_request_that_fails_is_reported_and_fails_the_load_test() {
+    let f = fixture();
+    let db = f.database("lt_failed_request").await;
+    let proxy = f.proxy(|_| {}).await;
+    let url = format!("postgres://app:{PASSWORD}@127.0.0.1:{}/{db}", proxy.port());
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-proxy.toml");
+    let (ok, _, err) = loadtest(&["--url", &url, "--clients", "1", "--duration", "200ms", "--init", "--config", missing.to_str().unwrap()]).await;
+    assert!(!ok && err.contains("no-such-proxy.toml"), "--init with a missing configuration: {err}");
+    let (ok, out, err) = loadtest(&["--url", &url, "--clients", "1", "--duration", "200ms", "--init"]).await;
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = loadtest(&["--url", &url, "--clients", "2", "--duration", "1s", "--cutover-at", "300ms", "--config", missing.to_str().unwrap(), "--json"]).await;
+    assert!(!ok, "a cutover that never happened passed the load test: {out}{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(r["cutover"]["outcome"], "request failed", "{r}");
+    assert!(r["cutover"]["reason"].as_str().unwrap().contains("no-such-proxy.toml"), "{r}");
+    assert!(err.contains("did not commit"), "{err}");
+
+    // The table says so too; and a proxy whose admin socket is not there.
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, f.config_text(&dir.path().join("sock"), "127.0.0.1:1")).unwrap();
+    let (ok, out, _) = loadtest(&["--url", &url, "--clients", "2", "--duration", "1s", "--cutover-at", "300ms", "--config", config.to_str().unwrap()]).await;
+    assert!(!ok);
+    assert!(out.contains("CUTOVER NOT COMMITTED: request failed") && out.contains("admin console"), "{out}");
+}
+
+#[tokio::test]
+async fn init_without_a_configuration_says_what_the_target_needs() {
+    let f = fixture();
+    let db = f.database("lt_init_alone").await;
+    let proxy = f.proxy(|_| {}).await;
+    let url = format!("postgres://app:{PASSWORD}@127.0.0.1:{}/{db}", proxy.port());
+    let (ok, out, err) = loadtest(&["--url", &url, "--clients", "1", "--duration", "200ms", "--init"]).await;
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("REFRESH PUBLICATION") && err.contains("CREATE TABLE IF NOT EXISTS loadtest_orders"), "{err}");
 }
 
 async fn scrape(addr: std::net::SocketAddr) -> String {

@@ -157,16 +157,63 @@ async fn run_client(opts: Arc<Options>, id: i32, run: Arc<String>, start: Instan
 }
 
 /// Creates the built-in workload's tables through `url` when they are missing.
-pub async fn init(url: &str) -> anyhow::Result<()> {
+///
+/// With the proxy's configuration, the tables are created first on every other
+/// backend (schema only, owned by the same role; the rows come by replication),
+/// then through the proxy, and the subscriptions on the other backends that
+/// stream from the active one are refreshed and waited for, so that the workload
+/// replicates and the next cutover finds every table synchronised. Without it,
+/// the operator is told what to do on the target.
+pub async fn init(url: &str, config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let Some(path) = config else {
+        init_here(url).await?;
+        eprintln!(
+            "loadtest: created loadtest_accounts and loadtest_orders through the proxy only. For them to replicate, create them on the target too \
+             (schema only) and run ALTER SUBSCRIPTION <name> REFRESH PUBLICATION there, or pass --config to have it done:\n{}",
+            workload::SCHEMA.trim()
+        );
+        return Ok(());
+    };
+    let config = crate::config::Config::load(path)?;
+    let pg: tokio_postgres::Config = url.parse().context("--url")?;
+    let db = pg.get_dbname().or(pg.get_user()).context("--url names no database")?.to_string();
+    let role = pg.get_user().context("--url names no user")?.to_string();
+    let active = crate::state::path(&config, Some(path)).and_then(|p| crate::state::load(&p)).unwrap_or_else(|| config.cutover.active.clone());
+    let others: Vec<(&String, &crate::config::BackendConfig)> = config.backends.iter().filter(|(name, _)| **name != active).collect();
+    let ident = crate::session::migrate::quote_ident(&role);
+    for (name, b) in &others {
+        let c = crate::cutover::control_connect(b, &db, "pgcutover loadtest --init").await.with_context(|| format!("backend {name}"))?;
+        c.batch_execute(&format!("SET ROLE {ident}; {}", workload::SCHEMA)).await.with_context(|| format!("creating the load-test tables on {name}"))?;
+    }
+    init_here(url).await?;
+    let active_cfg = config.backends.get(&active).with_context(|| format!("the active backend {active:?} is not in the configuration"))?;
+    let src = crate::cutover::control_connect(active_cfg, &db, "pgcutover loadtest --init").await.with_context(|| format!("backend {active}"))?;
+    for (name, b) in &others {
+        let c = crate::cutover::control_connect(b, &db, "pgcutover loadtest --init").await.with_context(|| format!("backend {name}"))?;
+        let refreshed = crate::cutover::refresh_subscriptions_from(&src, &c, std::time::Duration::from_secs(120)).await.with_context(|| format!("refreshing the subscriptions on {name}"))?;
+        if !refreshed.is_empty() {
+            eprintln!("loadtest: {name}: refreshed {} and waited for the new tables' initial copy", refreshed.join(", "));
+        }
+    }
+    Ok(())
+}
+
+async fn init_here(url: &str) -> anyhow::Result<()> {
     let c = connect(url).await.context("cannot connect to create the load-test tables")?;
     c.batch_execute(workload::SCHEMA).await?;
     c.batch_execute(&workload::fill_accounts()).await?;
     Ok(())
 }
 
+/// What became of the cutover the load test asked for: the proxy's report, or a
+/// failed request (the admin socket unreachable, no such configuration file).
+fn failed_request(e: &anyhow::Error) -> serde_json::Value {
+    serde_json::json!({ "outcome": "request failed", "reason": format!("{e:#}") })
+}
+
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
-    if opts.init && opts.workload.checks_writes() || opts.init && opts.workload == Workload::Select {
-        init(&opts.url).await?;
+    if opts.init && (opts.workload.checks_writes() || opts.workload == Workload::Select) {
+        init(&opts.url, opts.config.as_deref()).await?;
     }
     if opts.cutover_at.is_some() && opts.config.is_none() {
         anyhow::bail!("--cutover-at needs --config (the proxy's admin socket)");
@@ -186,12 +233,16 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             let t0 = start.elapsed().as_secs_f64();
             let rows = crate::cli::admin_command(&config, "CUTOVER").await;
             let t1 = start.elapsed().as_secs_f64();
-            let json = rows.ok().and_then(|rows| {
-                rows.iter()
+            let report = match rows {
+                Ok(rows) => rows
+                    .iter()
                     .find(|r| r.first().and_then(|c| c.1.as_deref()) == Some("json"))
                     .and_then(|r| r.get(1).and_then(|c| c.1.clone()))
-            });
-            (t0, t1, json.and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok()))
+                    .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+                    .unwrap_or_else(|| failed_request(&anyhow::anyhow!("the proxy's answer to CUTOVER holds no report"))),
+                Err(e) => failed_request(&e),
+            };
+            (t0, t1, Some(report))
         })
     });
     let progress = (opts.progress && std::io::stdout().is_terminal()).then(|| {
@@ -307,6 +358,11 @@ async fn check_writes(url: &str, run: &str, results: &[ClientResult]) -> anyhow:
 }
 
 impl Report {
+    /// No cutover was asked for, or the one asked for committed.
+    pub fn cutover_committed(&self) -> bool {
+        self.cutover.as_ref().is_none_or(|c| c["outcome"] == "committed")
+    }
+
     /// The report as a table.
     pub fn print(&self) {
         println!(
@@ -340,6 +396,12 @@ impl Report {
             println!("  cutover asked at {t0:.2} s, answered at {t1:.2} s");
         }
         if let Some(c) = &self.cutover {
+            if !self.cutover_committed() {
+                println!("  CUTOVER NOT COMMITTED: {}: {}", c["outcome"].as_str().unwrap_or("?"), c["reason"].as_str().unwrap_or(""));
+            }
+            if c["outcome"] == "request failed" {
+                return;
+            }
             println!("  cutover {}: pause {:.1} ms{}", c["outcome"].as_str().unwrap_or("?"), c["pause_ms"].as_f64().unwrap_or(0.0), c["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default());
             let phases: Vec<String> = c["phases"].as_array().into_iter().flatten().map(|p| format!("{} {:.1}", p["name"].as_str().unwrap_or(""), p["ms"].as_f64().unwrap_or(0.0))).collect();
             println!("  phases (ms): {}", phases.join(", "));
