@@ -12,12 +12,12 @@ use crate::loadtest::{self, Mode, Workload};
 
 const PASSWORD: &str = "demo-secret";
 
-pub async fn run(duration: Duration, plot: &Path) -> anyhow::Result<()> {
+pub async fn run(duration: Duration, plot: &Path, log: &Path, rehearse: bool) -> anyhow::Result<()> {
     // Ctrl-C ends the demo through the normal path, so that the clusters are
     // stopped and every temporary directory removed (the clusters' watchdogs would
     // clean up after a harder kill too).
     tokio::select! {
-        r = demo(duration, plot) => r,
+        r = demo(duration, plot, log, rehearse) => r,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted: cleaning up");
             Ok(())
@@ -25,7 +25,7 @@ pub async fn run(duration: Duration, plot: &Path) -> anyhow::Result<()> {
     }
 }
 
-async fn demo(duration: Duration, plot: &Path) -> anyhow::Result<()> {
+async fn demo(duration: Duration, plot: &Path, log: &Path, rehearse: bool) -> anyhow::Result<()> {
     println!("starting two throwaway PostgreSQL clusters (blue publishes, green subscribes)...");
     let pair = Pair::start(&ClusterOptions::default())?;
     for c in [&pair.blue, &pair.green] {
@@ -69,9 +69,11 @@ drain_timeout = "1s"
     let mut proxy = crate::server::start(config).await?;
     proxy.proxy.set_config_path(&config_path);
     println!("  pgcutover on 127.0.0.1:{port}, admin console on {}", proxy.socket_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+    println!("  the proxy's log: {}", log.display());
 
     let at = duration / 2;
-    println!("\nload test: 16 clients, {} s, tpcb-like with an order row per transaction, cutover to green at {} s\n", duration.as_secs(), at.as_secs_f64());
+    let what = if rehearse { "a rehearsed cutover (rolled back on purpose)" } else { "cutover to green" };
+    println!("\nload test: 16 clients, {} s, tpcb-like with an order row per transaction, {what} at {} s\n", duration.as_secs(), at.as_secs_f64());
     let report = loadtest::run(loadtest::Options {
         url: format!("postgres://app:{PASSWORD}@127.0.0.1:{port}/shop"),
         clients: 16,
@@ -80,6 +82,7 @@ drain_timeout = "1s"
         workload: Workload::Tpcb,
         cutover_at: Some(at),
         config: Some(config_path.clone()),
+        rehearse,
         plot: Some(plot.to_path_buf()),
         init: false,
         progress: true,
@@ -89,8 +92,7 @@ drain_timeout = "1s"
     println!("\nplot written to {}", plot.display());
     proxy.stop_accepting().await;
     proxy.proxy.shutdown(Duration::from_secs(2)).await;
-    let committed = report.cutover.as_ref().is_some_and(|c| c["outcome"] == "committed");
-    if !committed || report.lost_writes.as_ref().is_some_and(|l| !l.ok) || !report.errors.is_empty() {
+    if !report.cutover_succeeded() || report.lost_writes.as_ref().is_some_and(|l| !l.ok) || !report.errors.is_empty() {
         anyhow::bail!("the demo did not go cleanly (see the report above)");
     }
     Ok(())

@@ -69,7 +69,11 @@ enum Command {
         /// The proxy's configuration (its admin socket), for --cutover-at.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Create the built-in workload's tables if they are missing.
+        /// With --cutover-at: rehearse the cutover (every phase, then rolled back).
+        #[arg(long)]
+        rehearse: bool,
+        /// Create the built-in workload's tables if they are missing (with --config,
+        /// on every backend, and the subscriptions refreshed).
         #[arg(long)]
         init: bool,
         #[arg(long)]
@@ -86,6 +90,12 @@ enum Command {
         /// Where to write the plot.
         #[arg(long, default_value = "pgcutover-demo.svg")]
         plot: PathBuf,
+        /// Where the proxy's log goes (the terminal shows only the report).
+        #[arg(long, default_value = "pgcutover-demo.log")]
+        log: PathBuf,
+        /// Rehearse the cutover instead: every phase, then rolled back on purpose.
+        #[arg(long)]
+        rehearse: bool,
     },
 }
 
@@ -154,14 +164,29 @@ struct CutoverArgs {
     json: bool,
 }
 
-fn init_logging() {
+/// Logs go to stderr, or to `file` (the demo: its terminal shows only the report).
+fn init_logging(file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGCUTOVER_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match file {
+        Some(path) => {
+            let f = std::fs::File::create(path).map_err(|e| anyhow::anyhow!("cannot write the log {}: {e}", path.display()))?;
+            tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::sync::Mutex::new(f)).init();
+        }
+        None => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let log_file = match &cli.command {
+        Command::Demo { log, .. } => Some(log.clone()),
+        _ => None,
+    };
+    if let Err(e) = init_logging(log_file.as_deref()) {
+        eprintln!("pgcutover: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -183,8 +208,8 @@ fn main() -> ExitCode {
             Command::Status { config, json } => console(&config, "SHOW STATUS", json).await,
             Command::Cutover(a) => cutover(&a.config.clone(), "CUTOVER", a).await,
             Command::Check(a) => cutover(&a.config.clone(), "CHECK", a).await,
-            Command::Demo { seconds, plot } => pgcutover::demo::run(std::time::Duration::from_secs(seconds), &plot).await,
-            Command::Loadtest { url, clients, duration, mode, workload, cutover_at, config, init, json, plot } => {
+            Command::Demo { seconds, plot, log, rehearse } => pgcutover::demo::run(std::time::Duration::from_secs(seconds), &plot, &log, rehearse).await,
+            Command::Loadtest { url, clients, duration, mode, workload, cutover_at, config, rehearse, init, json, plot } => {
                 let parse = |d: &str| pgcutover::admin::command::parse_duration(d).map_err(|e| anyhow::anyhow!("{e}"));
                 let opts = pgcutover::loadtest::Options {
                     url,
@@ -194,6 +219,7 @@ fn main() -> ExitCode {
                     workload: pgcutover::loadtest::Workload::parse(&workload)?,
                     cutover_at: cutover_at.as_deref().map(parse).transpose()?,
                     config,
+                    rehearse,
                     plot,
                     init,
                     progress: !json,
@@ -205,9 +231,9 @@ fn main() -> ExitCode {
                     report.print();
                 }
                 let lost = report.lost_writes.as_ref().is_some_and(|l| !l.ok);
-                let failed_cutover = !report.cutover_committed();
+                let failed_cutover = !report.cutover_succeeded();
                 if lost || failed_cutover {
-                    anyhow::bail!("{}", if lost { "writes were lost" } else { "the cutover did not commit" });
+                    anyhow::bail!("{}", if lost { "writes were lost" } else if report.rehearsal { "the rehearsal did not complete" } else { "the cutover did not commit" });
                 }
                 Ok(())
             }

@@ -197,21 +197,37 @@ async fn metrics_are_valid_prometheus_text() {
     assert!(samples["pgcutover_stats_totals_received_bytes"] > 0.0);
 }
 
-#[tokio::test]
-async fn the_demo_runs_end_to_end_in_a_short_mode() {
+async fn demo(extra: &[&str]) -> (String, String, std::path::PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let plot = dir.path().join("demo.svg");
+    let log = dir.path().join("demo.log");
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcutover")).args(["demo", "--seconds", "4", "--plot"]).arg(&plot).output(),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcutover")).args(["demo", "--seconds", "4", "--plot"]).arg(&plot).arg("--log").arg(&log).args(extra).output(),
     )
     .await
     .expect("the demo finishes")
     .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let (text, err) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "{text}{err}");
+    assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
+    (text, err, log, dir)
+}
+
+#[tokio::test]
+async fn the_demo_runs_end_to_end_in_a_short_mode() {
+    let (text, err, log, _dir) = demo(&[]).await;
     assert!(text.contains("cutover committed"), "{text}");
     assert!(text.contains("errors: none"), "{text}");
     assert!(text.contains("lost-write check: 0 of"), "{text}");
-    assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
+    // The report alone on the terminal; the proxy's log in its file.
+    for noise in [" INFO ", " WARN ", "\x1b["] {
+        assert!(!text.contains(noise) && !err.contains(noise), "log lines on the terminal ({noise:?}): {text}{err}");
+    }
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("cutover committed") && !logged.contains('\x1b'), "{logged}");
+
+    let (text, _, _, _dir) = demo(&["--rehearse"]).await;
+    assert!(text.contains("cutover rehearsed"), "{text}");
+    assert!(text.contains("errors: none") && text.contains("lost-write check: 0 of"), "{text}");
 }

@@ -25,6 +25,8 @@ pub struct Options {
     pub workload: Workload,
     pub cutover_at: Option<Duration>,
     pub config: Option<PathBuf>,
+    /// The cutover asked for is a rehearsal.
+    pub rehearse: bool,
     pub plot: Option<PathBuf>,
     /// Create the built-in workload's tables (through `url`) if they are missing.
     pub init: bool,
@@ -82,8 +84,10 @@ pub struct Report {
     /// Seconds from the start when the cutover was asked for and when it answered.
     pub cutover_started_s: Option<f64>,
     pub cutover_ended_s: Option<f64>,
-    /// The proxy's own report.
+    /// The proxy's own report, or why the request failed (`outcome`, `reason`).
     pub cutover: Option<serde_json::Value>,
+    /// The cutover asked for was a rehearsal.
+    pub rehearsal: bool,
     pub timeline: Vec<Bucket>,
 }
 
@@ -227,11 +231,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     for id in 0..opts.clients {
         tasks.spawn(run_client(opts.clone(), id as i32, run_id.clone(), start, deadline, done.clone()));
     }
+    let command = if opts.rehearse { "CUTOVER REHEARSE" } else { "CUTOVER" };
     let cutover = opts.cutover_at.zip(opts.config.clone()).map(|(at, config)| {
         tokio::spawn(async move {
             tokio::time::sleep(at).await;
             let t0 = start.elapsed().as_secs_f64();
-            let rows = crate::cli::admin_command(&config, "CUTOVER").await;
+            let rows = crate::cli::admin_command(&config, command).await;
             let t1 = start.elapsed().as_secs_f64();
             let report = match rows {
                 Ok(rows) => rows
@@ -323,6 +328,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         cutover_started_s: cut.as_ref().map(|c| c.0),
         cutover_ended_s: cut.as_ref().map(|c| c.1),
         cutover: cut.and_then(|c| c.2),
+        rehearsal: opts.rehearse,
         timeline,
     };
     if let Some(path) = &opts.plot {
@@ -358,9 +364,11 @@ async fn check_writes(url: &str, run: &str, results: &[ClientResult]) -> anyhow:
 }
 
 impl Report {
-    /// No cutover was asked for, or the one asked for committed.
-    pub fn cutover_committed(&self) -> bool {
-        self.cutover.as_ref().is_none_or(|c| c["outcome"] == "committed")
+    /// No cutover was asked for, or the one asked for committed (a rehearsal:
+    /// was rehearsed).
+    pub fn cutover_succeeded(&self) -> bool {
+        let want = if self.rehearsal { "rehearsed" } else { "committed" };
+        self.cutover.as_ref().is_none_or(|c| c["outcome"] == want)
     }
 
     /// The report as a table.
@@ -396,8 +404,8 @@ impl Report {
             println!("  cutover asked at {t0:.2} s, answered at {t1:.2} s");
         }
         if let Some(c) = &self.cutover {
-            if !self.cutover_committed() {
-                println!("  CUTOVER NOT COMMITTED: {}: {}", c["outcome"].as_str().unwrap_or("?"), c["reason"].as_str().unwrap_or(""));
+            if !self.cutover_succeeded() {
+                println!("  CUTOVER NOT {}: {}: {}", if self.rehearsal { "REHEARSED" } else { "COMMITTED" }, c["outcome"].as_str().unwrap_or("?"), c["reason"].as_str().unwrap_or(""));
             }
             if c["outcome"] == "request failed" {
                 return;
