@@ -92,7 +92,8 @@ async fn loadtest_with_a_cutover_lines_up_the_proxy_report_and_plots_it() {
     assert_eq!(r["lost_writes"]["ok"], true, "{r}");
     assert!(r["cutover_window"]["count"].as_u64().unwrap() > 0);
     let (t0, t1) = (r["cutover_started_s"].as_f64().unwrap(), r["cutover_ended_s"].as_f64().unwrap());
-    assert!((0.9..1.5).contains(&t0) && t1 > t0, "{t0} {t1}");
+    // A timer never fires early; how late it fires is up to the machine.
+    assert!(t0 >= 0.99 && t1 > t0, "{t0} {t1}");
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("cutover paused"), "{}", &svg[..200.min(svg.len())]);
     // Every order landed on green, where the proxy ends.
