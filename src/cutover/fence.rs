@@ -41,9 +41,13 @@ pub async fn config_errors(c: &Client) -> Result<Option<String>, tokio_postgres:
     Ok((!errors.is_empty()).then(|| errors.join("; ")))
 }
 
+fn config_errors_refusal(errors: &str) -> CutoverError {
+    CutoverError::Refused(format!("the source's configuration files have errors, so a reload cannot apply there (fix them first): {errors}"))
+}
+
 async fn refuse_config_errors(c: &Client) -> Result<(), CutoverError> {
     match config_errors(c).await? {
-        Some(e) => Err(CutoverError::Refused(format!("the source's configuration files have errors, so a reload cannot apply there (fix them first): {e}"))),
+        Some(e) => Err(config_errors_refusal(&e)),
         None => Ok(()),
     }
 }
@@ -81,6 +85,16 @@ async fn reloaded(c: &Client, before: &str, bound: Duration) -> Result<(), Cutov
     }
 }
 
+/// `ALTER ROLE … <option>` for every role, in one round trip (a multi-statement
+/// query is one transaction).
+async fn alter_roles(c: &Client, roles: &[String], option: &str) -> Result<(), tokio_postgres::Error> {
+    let sql: String = roles.iter().map(|r| format!("ALTER ROLE {} {option};", quote_ident(r))).collect();
+    if !sql.is_empty() {
+        c.batch_execute(&sql).await?;
+    }
+    Ok(())
+}
+
 /// The parts of a fence.
 pub struct Plan<'a> {
     pub database: &'a str,
@@ -99,16 +113,28 @@ pub struct Plan<'a> {
 /// describing every step that may have been made; [`undo`] reverses them.
 pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: &Hooks) -> Result<Fenced, CutoverError> {
     let started = Instant::now();
-    refuse_config_errors(src).await?;
-    let previous = auto_conf_value(src).await?;
-    src.batch_execute("SET default_transaction_read_only = off").await?;
+    // One round trip: the files' errors, postgresql.auto.conf's value, and this
+    // session writable whatever the fence does.
+    let row = src
+        .query_one(
+            "SELECT (SELECT string_agg(coalesce(sourcefile, '?') || ':' || coalesce(sourceline::text, '?') || ': ' || error, '; ' ORDER BY seqno) FROM pg_file_settings WHERE error IS NOT NULL), \
+                    (SELECT setting FROM pg_file_settings WHERE name = 'default_transaction_read_only' AND sourcefile LIKE '%/postgresql.auto.conf' ORDER BY seqno DESC LIMIT 1), \
+                    set_config('default_transaction_read_only', 'off', false)",
+            &[],
+        )
+        .await?;
+    if let Some(e) = row.get::<_, Option<String>>(0) {
+        return Err(config_errors_refusal(&e));
+    }
+    let previous: Option<String> = row.get(1);
     journal.record(Entry::ReadOnly { database: plan.database.into(), previous }).map_err(|e| CutoverError::Journal(e.to_string()))?;
     src.batch_execute("ALTER SYSTEM SET default_transaction_read_only = on").await?;
     hooks.at("fence.read_only").await?;
     // The postmaster reloads while the roles change; the fence is complete once
     // every backend has (checked at the end).
-    let before = load_time(src).await?;
-    src.batch_execute("SELECT pg_reload_conf()").await?;
+    // One round trip: this backend's load time only changes when it handles the
+    // reload's signal, at its next command, so reading it with the reload is safe.
+    let before: String = src.query_one("SELECT pg_conf_load_time()::text, pg_reload_conf()", &[]).await?.get(0);
     hooks.at("fence.reload").await?;
 
     let rows = src
@@ -117,9 +143,7 @@ pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: 
     let roles: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     if !roles.is_empty() {
         journal.record(Entry::NoLogin { database: plan.database.into(), roles: roles.clone() }).map_err(|e| CutoverError::Journal(e.to_string()))?;
-        // One round trip for every role: a multi-statement query is one transaction.
-        let sql: String = roles.iter().map(|r| format!("ALTER ROLE {} NOLOGIN;", quote_ident(r))).collect();
-        src.batch_execute(&sql).await?;
+        alter_roles(src, &roles, "NOLOGIN").await?;
     }
     hooks.at("fence.no_login").await?;
 
@@ -157,8 +181,7 @@ pub async fn open_target(dst: &Client, database: &str, roles: &[String], admin_u
     let locked: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     if !locked.is_empty() {
         journal.record(Entry::TargetLogin { database: database.into(), roles: locked.clone() }).map_err(|e| CutoverError::Journal(e.to_string()))?;
-        let sql: String = locked.iter().map(|r| format!("ALTER ROLE {} LOGIN;", quote_ident(r))).collect();
-        dst.batch_execute(&sql).await?;
+        alter_roles(dst, &locked, "LOGIN").await?;
         done.push(format!("LOGIN given back to {}", locked.join(", ")));
     }
     let previous = auto_conf_value(dst).await?;
@@ -178,17 +201,11 @@ pub async fn open_target(dst: &Client, database: &str, roles: &[String], admin_u
 /// that had opened it).
 pub async fn undo_target(dst: &Client, entries: &[Entry]) -> Result<(), CutoverError> {
     dst.batch_execute("SET default_transaction_read_only = off").await?;
-    let mut sql = String::new();
-    for e in entries.iter().rev() {
-        if let Entry::TargetLogin { roles, .. } = e {
-            for r in roles {
-                sql.push_str(&format!("ALTER ROLE {} NOLOGIN;", quote_ident(r)));
-            }
-        }
-    }
-    if !sql.is_empty() {
-        dst.batch_execute(&sql).await?;
-    }
+    let opened: Vec<String> = entries.iter().filter_map(|e| match e {
+        Entry::TargetLogin { roles, .. } => Some(roles.clone()),
+        _ => None,
+    }).flatten().collect();
+    alter_roles(dst, &opened, "NOLOGIN").await?;
     if let Some(previous) = entries.iter().find_map(|e| match e {
         Entry::TargetWritable { previous, .. } => Some(previous.clone()),
         _ => None,
@@ -206,17 +223,11 @@ pub async fn undo_target(dst: &Client, entries: &[Entry]) -> Result<(), CutoverE
 /// write again. Safe to run twice, and on steps that were journaled but not made.
 pub async fn undo(src: &Client, entries: &[Entry]) -> Result<(), CutoverError> {
     src.batch_execute("SET default_transaction_read_only = off").await?;
-    let mut sql = String::new();
-    for e in entries.iter().rev() {
-        if let Entry::NoLogin { roles, .. } = e {
-            for r in roles {
-                sql.push_str(&format!("ALTER ROLE {} LOGIN;", quote_ident(r)));
-            }
-        }
-    }
-    if !sql.is_empty() {
-        src.batch_execute(&sql).await?;
-    }
+    let fenced: Vec<String> = entries.iter().filter_map(|e| match e {
+        Entry::NoLogin { roles, .. } => Some(roles.clone()),
+        _ => None,
+    }).flatten().collect();
+    alter_roles(src, &fenced, "LOGIN").await?;
     // The first ReadOnly entry holds what was there before any fence step.
     let Some(previous) = entries.iter().find_map(|e| match e {
         Entry::ReadOnly { previous, .. } => Some(previous.clone()),
