@@ -391,8 +391,8 @@ async fn a_transaction_ended_at_the_deadline_answers_every_message_as_a_failed_o
     let first = read_step(&mut raw, Until::Ready(1)).await;
     let tags: Vec<u8> = first.iter().map(|(t, _)| *t).collect();
     let direct_tags: Vec<u8> = first_direct.iter().map(|(t, _)| *t).collect();
-    assert_eq!(tags, direct_tags, "shaped like a failing first message: {}", show(&[first.clone()]));
-    assert!(first[0].1.windows(5).any(|w| w == b"40001"), "{}", show(&[first.clone()]));
+    assert_eq!(tags, direct_tags, "shaped like a failing first message: {}", show(std::slice::from_ref(&first)));
+    assert!(first[0].1.windows(5).any(|w| w == b"40001"), "{}", show(std::slice::from_ref(&first)));
     assert_eq!(first.last().unwrap().1, b"E");
     let mut proxied = Vec::new();
     for s in &after {
@@ -424,7 +424,7 @@ async fn a_function_call_after_an_ended_transaction_is_answered_at_once() {
     proxy.admin("RESUME").await.unwrap();
     raw.send(&msg::function_call(oid)).await;
     let reply = read_step(&mut raw, Until::Ready(1)).await;
-    assert_eq!(reply.iter().map(|(t, _)| *t).collect::<Vec<_>>(), b"EZ", "{}", show(&[reply.clone()]));
+    assert_eq!(reply.iter().map(|(t, _)| *t).collect::<Vec<_>>(), b"EZ", "{}", show(std::slice::from_ref(&reply)));
     assert!(reply[0].1.windows(5).any(|w| w == b"40001"));
     raw.query("ROLLBACK").await;
     let reply = read_step(&mut raw, Until::Ready(1)).await;

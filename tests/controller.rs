@@ -395,7 +395,7 @@ async fn a_subscription_from_another_publisher_refuses_the_cutover_unless_listed
     assert!(subs.contains(&("side_feed".into(), true)), "a listed subscription from elsewhere is left running: {subs:?}");
     assert!(subs.iter().filter(|(n, _)| n != "side_feed").all(|(_, on)| !on), "the subscription from the source is disabled: {subs:?}");
     green.batch_execute("ALTER SUBSCRIPTION side_feed DISABLE; ALTER SUBSCRIPTION side_feed SET (slot_name = NONE); DROP SUBSCRIPTION side_feed").await.unwrap();
-    f.blue().execute("postgres", &format!("SELECT pg_drop_replication_slot('side_feed')")).await.unwrap();
+    f.blue().execute("postgres", "SELECT pg_drop_replication_slot('side_feed')").await.unwrap();
 }
 
 #[tokio::test]

@@ -91,10 +91,11 @@ impl Scanner {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    /// One protocol message: tag, length, body.
+    pub(crate) fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];
         v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
         v.extend_from_slice(body);

@@ -81,12 +81,7 @@ pub async fn relay_bytes(client: &[u8], backend: &[u8]) -> std::io::Result<(Vec<
 mod tests {
     use super::*;
 
-    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use crate::protocol::frame::tests::frame;
 
     #[tokio::test]
     async fn frames_pass_both_ways_unchanged_and_a_notification_gets_the_client_pid() {

@@ -1,0 +1,118 @@
+//! Undoing a cutover's side effects from its journal: after a failure (the
+//! rollback) and after a crash (at the next start, before anything is served).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use super::journal::{self, Entry};
+use super::{control, fence, reverse, CutoverError, UNDO_TIMEOUT};
+use crate::config::{BackendConfig, Config};
+
+/// Undoes what `entries` hold on fresh connections, retried until `bound`: the
+/// source's fence first (held sessions wait on it), then on the target the way
+/// back's slot and publication and the opening of a target fenced earlier. On each
+/// side it first ends any statement a control connection of the same cutover still
+/// runs (a predecessor that crashed, or this run's abandoned step).
+pub(super) async fn undo(source: &BackendConfig, target: Option<&BackendConfig>, entries: &[Entry], bound: Duration) -> Result<(), CutoverError> {
+    let deadline = Instant::now() + bound;
+    let on_source = |e: &Entry| matches!(e, Entry::ReadOnly { .. } | Entry::NoLogin { .. });
+    if let Some(database) = entries.iter().find(|e| on_source(e)).and_then(Entry::database) {
+        undo_side(source, database, Side::Source, entries, deadline).await?;
+    }
+    let Some(target) = target else { return Ok(()) };
+    let on_target: Vec<&Entry> = entries.iter().filter(|e| !on_source(e)).collect();
+    let databases: BTreeSet<&str> = on_target.iter().filter_map(|e| e.database()).collect();
+    for database in databases {
+        let these: Vec<Entry> = entries.iter().filter(|e| matches!(e, Entry::Begin { .. }) || (!on_source(e) && e.database() == Some(database))).cloned().collect();
+        undo_side(target, database, Side::Target, &these, deadline).await?;
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Target,
+}
+
+async fn undo_side(backend: &BackendConfig, database: &str, side: Side, entries: &[Entry], deadline: Instant) -> Result<(), CutoverError> {
+    let orphans = entries.iter().find_map(|e| match e {
+        Entry::Begin { application_name, .. } => Some(application_name.clone()),
+        _ => None,
+    });
+    let what = match side {
+        Side::Source => "undoing the fence on the source",
+        Side::Target => "undoing the cutover's changes on the target",
+    };
+    let bound = deadline.saturating_duration_since(Instant::now());
+    loop {
+        let attempt = async {
+            let c = control::connect(backend, database, "pgcutover undo").await?;
+            if let Some(name) = &orphans {
+                c.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()", &[name]).await?;
+            }
+            match side {
+                Side::Source => fence::undo(&c, entries).await,
+                Side::Target => {
+                    reverse::undo(&c, entries).await?;
+                    fence::undo_target(&c, entries).await
+                }
+            }
+        };
+        let last = match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)), attempt).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => CutoverError::Timeout { what: what.into(), bound },
+        };
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Finishes a cutover that a previous run of the proxy left unfinished (it crashed
+/// or was killed mid-cutover), before anything is served: back to the source if
+/// the repoint was not recorded, forward to the target if it was. Returns the
+/// backend to serve on.
+pub async fn recover(config: &Config, path: &std::path::Path) -> anyhow::Result<Option<String>> {
+    let Some(entries) = journal::unfinished(path)? else { return Ok(None) };
+    let Some((source, target)) = entries.iter().find_map(|e| match e {
+        Entry::Begin { source, target, .. } => Some((source.clone(), target.clone())),
+        _ => None,
+    }) else {
+        journal::remove(path)?;
+        return Ok(None);
+    };
+    let repointed = entries.iter().find_map(|e| match e {
+        Entry::Repoint { subscriptions, reverse, .. } => Some((subscriptions.clone(), reverse.clone())),
+        _ => None,
+    });
+    match repointed {
+        Some((subscriptions, reversed)) => {
+            tracing::warn!(journal = %path.display(), %target, "an unfinished cutover had passed its repoint: finishing it forward");
+            if let Some(b) = config.backends.get(&target) {
+                for (db, sub) in subscriptions {
+                    let c = control::connect(b, &db, "pgcutover recover").await?;
+                    c.batch_execute(&format!("ALTER SUBSCRIPTION {} DISABLE", crate::session::migrate::quote_ident(&sub))).await?;
+                }
+                if let Some(s) = config.backends.get(&source) {
+                    for r in reversed {
+                        let c = control::connect(s, &r.database, "pgcutover recover").await?;
+                        let conninfo = reverse::conninfo(b, config.cutover.reverse_conninfo.as_deref(), &r.database);
+                        reverse::subscribe(&c, &r, &conninfo).await.map_err(|e| anyhow::anyhow!("cannot create the reverse subscription {} on {source}: {e}; the journal {} stays", r.name, path.display()))?;
+                    }
+                }
+            }
+            journal::remove(path)?;
+            Ok(Some(target))
+        }
+        None => {
+            tracing::warn!(journal = %path.display(), %source, "an unfinished cutover had not reached its repoint: undoing its fence on the source");
+            let b = config.backends.get(&source).ok_or_else(|| anyhow::anyhow!("the journal names backend {source:?}, which the configuration no longer has"))?;
+            undo(b, config.backends.get(&target), &entries, UNDO_TIMEOUT).await.map_err(|e| anyhow::anyhow!("cannot undo the unfinished cutover's fence on {source}: {e}; the journal {} stays", path.display()))?;
+            journal::remove(path)?;
+            Ok(Some(source))
+        }
+    }
+}
