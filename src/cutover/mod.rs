@@ -605,7 +605,9 @@ impl Run {
         let mut reason = f.error.to_string();
         let entries = self.journal.entries().to_vec();
         let journal = std::mem::replace(&mut self.journal, Journal::detached());
-        match undo(&self.source.config, Some(&self.target.config), &entries, UNDO_TIMEOUT).await {
+        let undone = undo(&self.source.config, Some(&self.target.config), &entries, UNDO_TIMEOUT).await;
+        let clean = undone.is_ok();
+        match undone {
             Ok(()) => {
                 if let Err(e) = journal.finish("rolled back") {
                     tracing::error!(error = %e, "could not close the cutover journal");
@@ -630,7 +632,8 @@ impl Run {
         self.resume();
         sessions::discard(&self.sessions);
         let mut report = std::mem::replace(&mut self.report, CutoverReport::new(0, "", ""));
-        if matches!(f.error, CutoverError::Rehearsal) && !reason.contains("undoing the fence failed") {
+        // A rehearsal whose undo failed is reported as the rollback it became.
+        if matches!(f.error, CutoverError::Rehearsal) && clean {
             // What the real cutover would have cost, the rollback's undo not counted.
             report.outcome = Outcome::Rehearsed;
             report.phases.push(report::Phase { name: Phase::Rollback.as_str(), ms: ms(rollback_started.elapsed()) });
