@@ -136,6 +136,44 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A streaming standby of `primary` in a directory of its own, on a free port:
+    /// `pg_basebackup -R -c fast` (a spread checkpoint would take minutes).
+    pub fn start_standby(name: &str, primary: &Cluster) -> anyhow::Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix(&format!("pgcutover-{name}-")).tempdir()?.keep();
+        let ids = if is_root() { Some(postgres_ids()?) } else { None };
+        if let Some((uid, gid)) = ids {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        }
+        let port = free_port()?;
+        let mut cluster = Cluster { name: name.to_owned(), port, dir, bin: primary.bin.clone(), watchdog: None };
+        cluster.spawn_watchdog()?;
+        let data = cluster.data().to_string_lossy().into_owned();
+        let primary_port = primary.port.to_string();
+        cluster.run("pg_basebackup", &["-D", &data, "-R", "-c", "fast", "-h", "127.0.0.1", "-p", &primary_port, "-U", "postgres"])?;
+        cluster.own_address()?;
+        cluster.restart()?;
+        Ok(cluster)
+    }
+
+    /// Makes this stopped former primary a standby of `primary` (`pg_rewind -R`),
+    /// keeping its own port, and starts it.
+    pub fn rewind_from(&self, primary: &Cluster) -> anyhow::Result<()> {
+        self.stop();
+        let source = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", primary.port);
+        self.run("pg_rewind", &["-D", &self.data().to_string_lossy(), "--source-server", &source, "-R"])?;
+        self.own_address()?;
+        self.restart()
+    }
+
+    /// This cluster's port and socket directory, after configuration files copied
+    /// from another cluster (the last setting in postgresql.conf wins).
+    fn own_address(&self) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(self.data().join("postgresql.conf"))?;
+        writeln!(f, "\nport = {}\nunix_socket_directories = '{}'", self.port, self.dir.display())?;
+        Ok(())
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.join("data")
     }

@@ -128,6 +128,10 @@ pub struct BackendConfig {
     #[serde(default = "default_admin_user")]
     pub admin_user: String,
     pub admin_password: Option<String>,
+    /// This backend is a physical (streaming) standby of the named backend: a
+    /// cutover to it is a switchover (catch-up by WAL replay, then a promotion).
+    /// Without it, a target found in recovery is treated as one all the same.
+    pub standby_of: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -280,6 +284,11 @@ impl Config {
         for (name, b) in &self.backends {
             if b.tls == BackendTlsMode::VerifyFull && b.host.starts_with('/') {
                 return invalid(format!("backend {name}: verify-full needs a host name, not a socket directory"));
+            }
+            if let Some(primary) = &b.standby_of {
+                if primary == name || !self.backends.contains_key(primary) {
+                    return invalid(format!("backend {name}: standby_of = {primary:?} names no other backend"));
+                }
             }
         }
         Ok(())

@@ -135,6 +135,11 @@ impl Proxy {
         }
     }
 
+    /// A cutover's pause sends new logins to its target.
+    pub(crate) fn logins_redirected(&self) -> bool {
+        self.logins.load().is_some()
+    }
+
     pub(crate) fn set_logins(&self, target: Option<Arc<BackendTarget>>) {
         self.logins.store(target);
     }

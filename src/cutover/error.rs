@@ -26,6 +26,7 @@ pub enum Phase {
     ReversePublication,
     ReverseSlot,
     ReverseSubscription,
+    Promote,
     /// A rehearsal's (or a failure's) way back.
     Rollback,
 }
@@ -48,6 +49,7 @@ impl Phase {
             Phase::ReversePublication => "reverse_publication",
             Phase::ReverseSlot => "reverse_slot",
             Phase::ReverseSubscription => "reverse_subscription",
+            Phase::Promote => "promote",
         }
     }
 }

@@ -95,6 +95,14 @@ async fn alter_roles(c: &Client, roles: &[String], option: &str) -> Result<(), t
     Ok(())
 }
 
+/// Gives LOGIN back to `roles` (a promoted standby, whose catalog came from the
+/// fenced source).
+pub async fn give_login(c: &Client, roles: &[String]) -> Result<(), CutoverError> {
+    c.batch_execute("SET default_transaction_read_only = off").await?;
+    alter_roles(c, roles, "LOGIN").await?;
+    Ok(())
+}
+
 /// The parts of a fence.
 pub struct Plan<'a> {
     pub database: &'a str,

@@ -47,6 +47,10 @@ pub enum Entry {
         #[serde(default)]
         reverse: Vec<super::reverse::Reverse>,
     },
+    /// The point of no return of a switchover, before `pg_promote()` on the target:
+    /// after it the target becomes the primary, and `roles` (whose NOLOGIN the
+    /// fence wrote on the source and replication carried there) get LOGIN back on it.
+    Promote { target: String, roles: Vec<String> },
     /// The cutover ended, committed or rolled back, with nothing left to do.
     Finished { outcome: String },
 }
@@ -61,7 +65,7 @@ impl Entry {
             | Entry::TargetLogin { database, .. }
             | Entry::ReversePublication { database, .. }
             | Entry::ReverseSlot { database, .. } => Some(database),
-            Entry::Begin { .. } | Entry::Repoint { .. } | Entry::Finished { .. } => None,
+            Entry::Begin { .. } | Entry::Repoint { .. } | Entry::Promote { .. } | Entry::Finished { .. } => None,
         }
     }
 }

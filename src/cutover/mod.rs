@@ -20,6 +20,7 @@ mod error;
 mod fence;
 pub mod hooks;
 pub mod journal;
+mod physical;
 pub mod preflight;
 pub mod report;
 mod recovery;
@@ -193,6 +194,7 @@ async fn supervise(proxy: &Arc<Proxy>, opts: Options) -> CutoverReport {
         sessions: Vec::new(),
         phase: Phase::Start,
         rehearse: opts.rehearse,
+        physical: false,
     };
     let report = run.execute(opts.force).await;
     proxy.cutover.running.store(false, Ordering::SeqCst);
@@ -260,6 +262,8 @@ struct Run {
     phase: Phase,
     /// Stop before the repoint and roll back on purpose.
     rehearse: bool,
+    /// The target is a physical standby of the source: a switchover.
+    physical: bool,
 }
 
 impl Run {
@@ -328,6 +332,9 @@ impl Run {
         let roles = self.roles();
         let admin_user = self.target.config.admin_user.clone();
         let db = &self.databases[0];
+        // A standby's roles are the source's (and it cannot change them): only its
+        // own postgresql.auto.conf may hold an earlier fence.
+        let roles = if self.physical { Vec::new() } else { roles };
         self.report.opened_target = fence::open_target(&db.dst, &db.name, &roles, &admin_user, &mut self.journal, self.config.cutover.max_pause).await?;
         if !self.report.opened_target.is_empty() {
             self.record(Phase::OpenTarget, t);
@@ -344,7 +351,7 @@ impl Run {
         if !prewarm.failures.is_empty() {
             return Err(CutoverError::Refused(prewarm.failures.join("; ")));
         }
-        if self.config.cutover.reverse_replication {
+        if self.config.cutover.reverse_replication && !self.physical {
             self.phase = Phase::ReversePublication;
             let t = Instant::now();
             for db in &self.databases {
@@ -397,6 +404,9 @@ impl Run {
             self.report.phases.push(report::Phase { name: Phase::Fence.as_str(), ms: ms(took) });
         }
         self.hooks.at("drain").await?;
+        if self.physical {
+            return self.switchover_steps().await;
+        }
 
         // Catch-up: every subscription from the source, in every database.
         self.phase = Phase::Catchup;
@@ -458,6 +468,64 @@ impl Run {
         self.journal.record(Entry::Repoint { target: self.target.name.clone(), subscriptions, reverse }).map_err(|e| CutoverError::Journal(e.to_string()))
     }
 
+    /// A switchover's catch-up: the standby has replayed the source's WAL up to T.
+    /// Then the point of no return (the promotion) is journaled.
+    async fn switchover_steps(&mut self) -> Result<(), CutoverError> {
+        self.phase = Phase::Catchup;
+        let t = Instant::now();
+        let deadline = Instant::now() + self.config.cutover.catchup_timeout;
+        let db = &self.databases[0];
+        let lsn = physical::mark(&db.src).await?;
+        let after = physical::wait_replayed(&db.dst, &lsn, deadline).await?;
+        self.report.catchup.push(Catchup { database: db.name.clone(), subscription: "physical replication".into(), lsn, reached_after_ms: ms(after), detected_by: "pg_last_wal_replay_lsn" });
+        self.record(Phase::Catchup, t);
+        self.hooks.at("catchup").await?;
+        self.report.notes.push("sequences: not copied, physical replication carries them".into());
+        if self.rehearse {
+            return Err(CutoverError::Rehearsal);
+        }
+        self.phase = Phase::Repoint;
+        self.hooks.at("repoint").await?;
+        let roles = self.report.fenced_roles.clone();
+        self.journal.record(Entry::Promote { target: self.target.name.clone(), roles }).map_err(|e| CutoverError::Journal(e.to_string()))
+    }
+
+    /// Past the point of no return of a switchover: promotes the target and gives
+    /// the fenced roles LOGIN back there. A failure cannot roll back (the target
+    /// may be a primary already, and the source must never be one again beside it):
+    /// the report says what the operator must do.
+    async fn promote(&mut self) {
+        let t = Instant::now();
+        let bound = self.config.cutover.max_pause;
+        let db = &self.databases[0];
+        let roles = self.report.fenced_roles.clone();
+        let promoted = async {
+            let took = physical::promote(&db.dst, bound).await?;
+            fence::give_login(&db.dst, &roles).await?;
+            Ok::<_, CutoverError>(took)
+        }
+        .await;
+        self.record(Phase::Promote, t);
+        let advice = physical::rewind_advice(&self.source.name, &self.target.name, &self.target.config);
+        match promoted {
+            Ok(took) => {
+                self.report.notes.push(format!("{} promoted in {:.3} ms", self.target.name, ms(took)));
+                self.report.notes.push(advice);
+            }
+            Err(e) => {
+                tracing::error!(target = %self.target.name, error = %e, "the switchover's promotion failed after its point of no return");
+                self.report.reason = Some(format!(
+                    "the promotion of {target} was not confirmed ({e}). The proxy serves on {target}; {source} stays fenced and must stay so. \
+                     Check {target}: if it is still in recovery, promote it (SELECT pg_promote(), or pg_ctl promote); then give LOGIN back to {roles} there",
+                    target = self.target.name,
+                    source = self.source.name,
+                    roles = if roles.is_empty() { "the application roles".to_string() } else { roles.join(", ") },
+                ));
+                self.report.notes.push(advice);
+            }
+        }
+    }
+
     async fn preflight(&mut self, force: bool) -> Result<(), CutoverError> {
         let cut = &self.config.cutover;
         let t = Instant::now();
@@ -476,6 +544,22 @@ impl Run {
         let our_pids: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
         let mut problems = Vec::new();
         let settings = preflight::Settings::of(&self.config, &self.source.config.admin_user);
+        self.physical = physical_mode(&self.source.name, &self.target.name, &self.target.config, &self.databases[0].dst).await?;
+        if self.physical {
+            self.report.kind = "physical";
+            let checks = self.physical_preflight(&our_pids, &settings).await?;
+            for c in checks {
+                if !c.ok && (c.guards_data || !force) {
+                    problems.push(c.to_string());
+                }
+                self.report.preflight.push(c.to_string());
+            }
+            self.record(Phase::Preflight, t);
+            if !problems.is_empty() {
+                return Err(CutoverError::Refused(problems.join("; ")));
+            }
+            return Ok(());
+        }
         for db in &mut self.databases {
             let checks = preflight::check_database(&db.name, &db.src, &db.dst, &db.subscriptions, &our_pids, &settings, Some(&self.proxy.cutover.lag)).await?;
             for c in checks {
@@ -507,12 +591,35 @@ impl Run {
         Ok(())
     }
 
+    /// The checks of a switchover: the standby's, once, and per database what every
+    /// cutover checks and the unlogged tables a promotion would leave empty.
+    async fn physical_preflight(&mut self, our_pids: &[i32], settings: &preflight::Settings) -> Result<Vec<preflight::Check>, CutoverError> {
+        let db = &self.databases[0];
+        let (mut checks, lag) = physical::check(&self.target.name, &db.src, &db.dst, settings.max_lag).await?;
+        if let Some(l) = lag {
+            self.proxy.cutover.lag.lock().unwrap_or_else(|p| p.into_inner()).insert(db.name.clone(), l);
+        }
+        for db in &mut self.databases {
+            checks.extend(preflight::check_common(&db.name, &db.src, &db.dst, our_pids, settings).await?);
+            checks.push(physical::unlogged(&db.name, &db.src).await?);
+            // Nothing replicates logically here: the standby's catalog is the source's.
+            db.subscriptions.clear();
+        }
+        if self.config.cutover.reverse_replication {
+            self.report.notes.push("reverse replication does not apply to a switchover: the way back is pg_rewind".into());
+        }
+        Ok(checks)
+    }
+
     /// After the point of no return: repoint, resume, let sessions move, disable the
     /// subscriptions. Nothing here rolls back.
     async fn commit(&mut self) {
         // Past the point of no return a fault cannot roll back: only a crash here
         // (a test's abort) means anything, and the next start rolls forward.
         let _ = self.hooks.at("repointed").await;
+        if self.physical {
+            self.promote().await;
+        }
         let t = Instant::now();
         self.proxy.set_active(self.target.clone());
         if let Some(path) = crate::state::path(&self.config, self.proxy.config_path().as_deref()) {
@@ -646,6 +753,17 @@ impl Run {
     }
 }
 
+/// Whether a cutover from `source` to `target` is a switchover to a physical
+/// standby: declared with `standby_of`, or found in recovery.
+async fn physical_mode(source: &str, target: &str, config: &crate::config::BackendConfig, dst: &Client) -> Result<bool, CutoverError> {
+    let recovering = physical::in_recovery(dst).await?;
+    match &config.standby_of {
+        Some(primary) if primary != source => Err(CutoverError::Refused(format!("{target} is declared a standby of {primary} (standby_of), but the active backend is {source}"))),
+        Some(primary) if !recovering => Err(CutoverError::Refused(format!("{target} is declared a standby of {primary} (standby_of), but it is not in recovery: promoted already?"))),
+        _ => Ok(recovering),
+    }
+}
+
 /// Preflight on its own (`pgcutover check`): every check for every database served.
 pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<preflight::Check>> {
     let config = proxy.config();
@@ -660,9 +778,17 @@ pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<p
     let our_pids: Vec<i32> = proxy.sessions.list().iter().filter(|s| s.backend().target.name == source.name).map(|s| s.backend().key.pid).collect();
     let settings = preflight::Settings::of(&config, &source.config.admin_user);
     let mut all = Vec::new();
-    for db in names {
+    for (i, db) in names.into_iter().enumerate() {
         let src = control::connect(&source.config, &db, "pgcutover check").await?;
         let dst = control::connect(&target.config, &db, "pgcutover check").await?;
+        if physical_mode(&source.name, &target.name, &target.config, &dst).await.map_err(|e| anyhow::anyhow!("{e}"))? {
+            if i == 0 {
+                all.extend(physical::check(&target.name, &src, &dst, settings.max_lag).await?.0);
+            }
+            all.extend(preflight::check_common(&db, &src, &dst, &our_pids, &settings).await?);
+            all.push(physical::unlogged(&db, &src).await?);
+            continue;
+        }
         let subs = catchup::subscriptions(&src, &dst).await?;
         all.extend(preflight::check_database(&db, &src, &dst, &subs, &our_pids, &settings, Some(&proxy.cutover.lag)).await?);
         if config.cutover.reverse_replication {

@@ -58,7 +58,45 @@ impl Settings {
     }
 }
 
-/// Checks one database. `subs` are the target's subscriptions in it; `our_pids`
+/// The checks of one database that every kind of cutover needs: configuration
+/// files a reload can apply on both sides, the source's sessions that bypass the
+/// proxy, and transactions longer than the drain.
+pub async fn check_common(db: &str, src: &Client, dst: &Client, our_pids: &[i32], settings: &Settings) -> anyhow::Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (side, c) in [("source", src), ("target", dst)] {
+        let errors = super::fence::config_errors(c).await?;
+        checks.push(Check::new(
+            format!("{db}: the {side}'s configuration files have no errors (a reload must be able to apply)"),
+            true,
+            errors,
+        ));
+    }
+    let since = std::time::Instant::now();
+    let rows = src
+        .query(
+            "SELECT coalesce(client_port, -1), usename::text || ' from ' || coalesce(client_addr::text, 'local') || ' (pid ' || pid || ')' FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY($1)) AND usename <> $2",
+            &[&our_pids, &settings.admin_user],
+        )
+        .await?;
+    // The proxy's own connections, logging in or out included (see backend::ports).
+    let ours = crate::backend::ports::ours_since(since);
+    let strangers: Vec<String> = rows.iter().filter(|r| !ours.contains(&r.get::<_, i32>(0))).map(|r| r.get(1)).collect();
+    let strangers = (!strangers.is_empty()).then(|| strangers.join(", "));
+    checks.push(Check::new(format!("{db}: no sessions on the source bypassing the proxy"), false, strangers));
+    let secs = settings.drain_timeout.as_secs_f64();
+    let long = src
+        .query(
+            "SELECT 'pid ' || pid || ' open for ' || round(extract(epoch FROM now() - xact_start)::numeric, 1) || ' s' FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND datname = current_database() AND xact_start < now() - make_interval(secs => $1) AND pid <> pg_backend_pid()",
+            &[&secs],
+        )
+        .await?;
+    checks.push(Check::new(format!("{db}: no transaction open longer than drain_timeout"), false, list(long)));
+    Ok(checks)
+}
+
+/// Checks one database for a logical cutover. `subs` are the target's subscriptions in it; `our_pids`
 /// the source backends of the proxy's own sessions.
 pub async fn check_database(
     db: &str,
@@ -70,14 +108,6 @@ pub async fn check_database(
     lag_seen: Option<&std::sync::Mutex<std::collections::BTreeMap<String, i64>>>,
 ) -> anyhow::Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for (side, c) in [("source", src), ("target", dst)] {
-        let errors = super::fence::config_errors(c).await?;
-        checks.push(Check::new(
-            format!("{db}: the {side}'s configuration files have no errors (a reload must be able to apply)"),
-            true,
-            errors,
-        ));
-    }
     let from_source: Vec<&Subscription> = subs.iter().filter(|s| s.from_source).collect();
     let elsewhere: Vec<String> = subs.iter().filter(|s| !s.from_source && !settings.other_subscriptions.contains(&s.name)).map(|s| s.name.clone()).collect();
     checks.push(Check::new(
@@ -164,27 +194,6 @@ pub async fn check_database(
             _ => None,
         },
     ));
-    let since = std::time::Instant::now();
-    let rows = src
-        .query(
-            "SELECT coalesce(client_port, -1), usename::text || ' from ' || coalesce(client_addr::text, 'local') || ' (pid ' || pid || ')' FROM pg_stat_activity \
-             WHERE backend_type = 'client backend' AND datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY($1)) AND usename <> $2",
-            &[&our_pids, &settings.admin_user],
-        )
-        .await?;
-    // The proxy's own connections, logging in or out included (see backend::ports).
-    let ours = crate::backend::ports::ours_since(since);
-    let strangers: Vec<String> = rows.iter().filter(|r| !ours.contains(&r.get::<_, i32>(0))).map(|r| r.get(1)).collect();
-    let strangers = (!strangers.is_empty()).then(|| strangers.join(", "));
-    checks.push(Check::new(format!("{db}: no sessions on the source bypassing the proxy"), false, strangers));
-    let secs = settings.drain_timeout.as_secs_f64();
-    let long = src
-        .query(
-            "SELECT 'pid ' || pid || ' open for ' || round(extract(epoch FROM now() - xact_start)::numeric, 1) || ' s' FROM pg_stat_activity \
-             WHERE backend_type = 'client backend' AND datname = current_database() AND xact_start < now() - make_interval(secs => $1) AND pid <> pg_backend_pid()",
-            &[&secs],
-        )
-        .await?;
-    checks.push(Check::new(format!("{db}: no transaction open longer than drain_timeout"), false, list(long)));
+    checks.extend(check_common(db, src, dst, our_pids, settings).await?);
     Ok(checks)
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use super::journal::{self, Entry};
-use super::{control, fence, reverse, CutoverError, UNDO_TIMEOUT};
+use super::{control, fence, physical, reverse, CutoverError, UNDO_TIMEOUT};
 use crate::config::{BackendConfig, Config};
 
 /// Undoes what `entries` hold on fresh connections, retried until `bound`: the
@@ -84,6 +84,22 @@ pub async fn recover(config: &Config, path: &std::path::Path) -> anyhow::Result<
         journal::remove(path)?;
         return Ok(None);
     };
+    let promoted = entries.iter().find_map(|e| match e {
+        Entry::Promote { roles, .. } => Some(roles.clone()),
+        _ => None,
+    });
+    if let Some(roles) = promoted {
+        tracing::warn!(journal = %path.display(), %target, "an unfinished switchover had passed its point of no return: finishing the promotion");
+        let b = config.backends.get(&target).ok_or_else(|| anyhow::anyhow!("the journal names backend {target:?}, which the configuration no longer has"))?;
+        let database = entries.iter().find_map(Entry::database).unwrap_or("postgres");
+        let c = control::connect(b, database, "pgcutover recover").await?;
+        if physical::in_recovery(&c).await? {
+            physical::promote(&c, UNDO_TIMEOUT).await.map_err(|e| anyhow::anyhow!("cannot promote {target}: {e}; the journal {} stays", path.display()))?;
+        }
+        fence::give_login(&c, &roles).await.map_err(|e| anyhow::anyhow!("cannot give LOGIN back on {target}: {e}; the journal {} stays", path.display()))?;
+        journal::remove(path)?;
+        return Ok(Some(target));
+    }
     let repointed = entries.iter().find_map(|e| match e {
         Entry::Repoint { subscriptions, reverse, .. } => Some((subscriptions.clone(), reverse.clone())),
         _ => None,

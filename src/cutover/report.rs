@@ -49,6 +49,8 @@ pub struct CutoverReport {
     pub id: u64,
     pub from: String,
     pub to: String,
+    /// "logical" (to a subscriber) or "physical" (a switchover to a standby).
+    pub kind: &'static str,
     pub started_at: String,
     pub outcome: Outcome,
     pub failed_phase: Option<String>,
@@ -80,6 +82,8 @@ pub struct CutoverReport {
     /// The way back, per database: the source's subscription to the target, or
     /// why it could not be made and the statement that would make it.
     pub reverse_replication: Vec<String>,
+    /// What the operator should know: what was not done and why, what to do next.
+    pub notes: Vec<String>,
 }
 
 pub fn ms(d: Duration) -> f64 {
@@ -92,6 +96,7 @@ impl CutoverReport {
             id,
             from: from.into(),
             to: to.into(),
+            kind: "logical",
             started_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
             outcome: Outcome::Refused,
             failed_phase: None,
@@ -114,6 +119,7 @@ impl CutoverReport {
             preflight: Vec::new(),
             opened_target: Vec::new(),
             reverse_replication: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -127,6 +133,7 @@ impl CutoverReport {
             ("outcome".into(), self.outcome.as_str().into()),
             ("from".into(), self.from.clone()),
             ("to".into(), self.to.clone()),
+            ("kind".into(), self.kind.into()),
             ("started_at".into(), self.started_at.clone()),
             ("failed_phase".into(), self.failed_phase.clone().unwrap_or_default()),
             ("reason".into(), self.reason.clone().unwrap_or_default()),
@@ -156,6 +163,9 @@ impl CutoverReport {
         }
         for (i, r) in self.reverse_replication.iter().enumerate() {
             v.push((format!("reverse_replication_{}", i + 1), r.clone()));
+        }
+        for (i, n) in self.notes.iter().enumerate() {
+            v.push((format!("note_{}", i + 1), n.clone()));
         }
         for (i, p) in self.preflight.iter().enumerate() {
             v.push((format!("preflight_{}", i + 1), p.clone()));

@@ -25,6 +25,7 @@ pub async fn relay_bytes(client: &[u8], backend: &[u8]) -> std::io::Result<(Vec<
         connect_timeout: Duration::from_secs(1),
         admin_user: "postgres".into(),
         admin_password: None,
+        standby_of: None,
     };
     let target = Arc::new(BackendTarget::new("fuzz", &config).map_err(|e| std::io::Error::other(e.to_string()))?);
     let key = CancelKey { pid: 1234, secret: 1 };

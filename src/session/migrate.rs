@@ -31,6 +31,8 @@ pub enum MigrateError {
     Unmovable(String),
     #[error("its state could not be reproduced on the new server exactly ({0})")]
     Differs(String),
+    #[error("the new server did not answer within {0:?}")]
+    Stalled(std::time::Duration),
 }
 
 impl From<std::io::Error> for MigrateError {
@@ -115,8 +117,13 @@ fn query_message(out: &mut BytesMut, sql: &[u8]) {
 
 /// Runs one simple query and collects its rows, or the first error.
 pub async fn simple_query(stream: &mut Stream, sql: &str, asynchronous: &mut Async) -> Result<Vec<Row>, MigrateError> {
+    simple_query_bytes(stream, sql.as_bytes(), asynchronous).await
+}
+
+/// [`simple_query`] with SQL as bytes (identifiers in the session's encoding).
+pub async fn simple_query_bytes(stream: &mut Stream, sql: &[u8], asynchronous: &mut Async) -> Result<Vec<Row>, MigrateError> {
     let mut q = BytesMut::new();
-    query_message(&mut q, sql.as_bytes());
+    query_message(&mut q, sql);
     stream.write_all(&q).await?;
     collect(stream, asynchronous, 1).await
 }
@@ -265,7 +272,7 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-fn ident(v: &[u8]) -> Vec<u8> {
+pub fn ident(v: &[u8]) -> Vec<u8> {
     let mut out = vec![b'"'];
     for &b in v {
         if b == b'"' {

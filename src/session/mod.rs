@@ -67,6 +67,21 @@ async fn start(proxy: Arc<Proxy>, mut login: Login) -> Option<(Session, registry
             conn = target.connect(&login.startup.params, &login.creds).await;
         }
     }
+    // A switchover's standby replays the fence's NOLOGIN before its promotion
+    // gives LOGIN back: a login refused there waits for the pause to end.
+    if matches!(conn, Err(crate::backend::BackendError::Refused { .. })) && proxy.logins_redirected() {
+        let bound = proxy.config().cutover.max_pause + Duration::from_secs(5);
+        let waited = tokio::time::timeout(bound, async {
+            while proxy.logins_redirected() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        if waited.is_ok() {
+            target = proxy.login_backend();
+            conn = target.connect(&login.startup.params, &login.creds).await;
+        }
+    }
     let conn = match conn {
         Ok(c) => c,
         Err(crate::backend::BackendError::Refused { frame, message }) => {
@@ -118,6 +133,9 @@ async fn start(proxy: Arc<Proxy>, mut login: Login) -> Option<(Session, registry
     }
     Some((session, guard, login.permit))
 }
+
+/// How long a copy of a session's state may wait for the server it goes to.
+const COPY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A session's task: the relay and what talks to it.
 struct Session {
@@ -256,21 +274,35 @@ impl Session {
 
     /// Copies the session's state (read on its idle backend) onto `conn`, reads it
     /// back there and compares. `reset`: `conn` holds an older copy, cleared first.
-    async fn copy_state(&mut self, conn: &mut BackendConn, reset: bool) -> Result<(), migrate::MigrateError> {
+    ///
+    /// On a standby (a switchover's target before its promotion) everything but
+    /// LISTEN can be copied — recovery refuses LISTEN —, so the channels are left
+    /// out and returned: [`Session::after_promotion`] listens on them.
+    async fn copy_state(&mut self, conn: &mut BackendConn, reset: bool) -> Result<Option<Vec<migrate::Text>>, migrate::MigrateError> {
         let mut old_async = Vec::new();
         let mut new_async = Vec::new();
         let login_user = self.relay.info.user.clone();
+        let standby = conn.params.iter().any(|(name, value)| name == "in_hot_standby" && value == "on");
         let copied = async {
-            if reset {
-                migrate::simple_query(&mut conn.stream, "DISCARD ALL", &mut new_async).await?;
-            }
             self.unabort(&mut old_async).await?;
-            let state = migrate::read_state(&mut self.relay.backend.stream, &self.relay.custom, &mut old_async).await?;
-            migrate::replay(&mut conn.stream, &state, login_user.as_bytes(), &mut new_async).await?;
-            let copy = migrate::read_state(&mut conn.stream, &self.relay.custom, &mut new_async).await?;
+            let mut state = migrate::read_state(&mut self.relay.backend.stream, &self.relay.custom, &mut old_async).await?;
+            let later = standby.then(|| std::mem::take(&mut state.channels));
+            // The target is someone else's server: a lock queue there (a standby's
+            // replay waiting on a conflict, a DDL) must not stall this session.
+            let on_new = async {
+                if reset {
+                    migrate::simple_query(&mut conn.stream, "DISCARD ALL", &mut new_async).await?;
+                }
+                migrate::replay(&mut conn.stream, &state, login_user.as_bytes(), &mut new_async).await?;
+                migrate::read_state(&mut conn.stream, &self.relay.custom, &mut new_async).await
+            };
+            let copy = match tokio::time::timeout(COPY_TIMEOUT, on_new).await {
+                Ok(copy) => copy?,
+                Err(_) => return Err(migrate::MigrateError::Stalled(COPY_TIMEOUT)),
+            };
             match migrate::differences(&state, &copy) {
                 Some(d) => Err(migrate::MigrateError::Differs(d)),
-                None => Ok(()),
+                None => Ok(later),
             }
         }
         .await;
@@ -289,8 +321,15 @@ impl Session {
         let Some(mut p) = self.prewarmed.take() else { return };
         let copied = self.copy_state(&mut p.conn, p.copied_at.is_some()).await;
         p.copied_at = copied.is_ok().then_some(self.relay.requests);
+        // A connection left mid-exchange is of no further use: the session opens
+        // another when it moves.
+        let broken = matches!(copied, Err(migrate::MigrateError::Stalled(_) | migrate::MigrateError::Io(_)));
         if let Some(reply) = self.prepare_reply.take() {
-            let _ = reply.send(copied.map_err(|e| e.to_string()));
+            let _ = reply.send(copied.map(|later| p.listen_later = later).map_err(|e| e.to_string()));
+        }
+        if broken {
+            tokio::spawn(terminate_backend(p.conn.stream, p.conn.port));
+            return;
         }
         self.prewarmed = Some(p);
     }
@@ -363,27 +402,47 @@ impl Session {
             None => None,
         };
         self.prepare_reply = None;
-        let (target, mut new, current, copied) = match prepared {
+        let cannot_move = |e: &dyn std::fmt::Display| {
+            End::Closed(PgError::fatal(
+                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pgcutover moved the database to another server and could not bring this session along: {e}; reconnect"),
+            ))
+        };
+        let (target, mut new, current, copied, mut later) = match prepared {
             Some(p) => {
                 let current = p.copied_at == Some(self.relay.requests);
-                (p.target, p.conn, current, p.copied_at.is_some())
+                (p.target, p.conn, current, p.copied_at.is_some(), p.listen_later)
             }
-            None => match active.connect(&self.info().startup_params.to_vec(), &self.info().creds).await {
-                Ok(c) => (active.clone(), c, false, false),
-                Err(e) => {
-                    tracing::warn!(session = id, error = %e, "cannot open a connection on the new backend");
-                    return Err(End::Closed(e.client_error(&active.name)));
-                }
-            },
+            None => (active.clone(), self.connect_to(&active).await?, false, false, None),
         };
         if !current {
-            if let Err(e) = self.copy_state(&mut new, copied).await {
-                tracing::warn!(session = id, error = %e, "session cannot move; closing it");
+            match self.copy_state(&mut new, copied).await {
+                Ok(l) => later = l,
+                Err(e) => {
+                    tracing::warn!(session = id, error = %e, "session cannot move; closing it");
+                    tokio::spawn(terminate_backend(new.stream, new.port));
+                    return Err(cannot_move(&e));
+                }
+            }
+        }
+        // Copied onto a standby before a switchover's promotion: the connection
+        // must be read-write now, and the channels are listened on; else a fresh
+        // connection, opened after the promotion, takes its place.
+        if let Some(channels) = later {
+            if let Err(e) = self.after_promotion(&mut new, &channels).await {
+                tracing::warn!(session = id, error = %e, "the connection opened before the promotion is not usable; opening another");
                 tokio::spawn(terminate_backend(new.stream, new.port));
-                return Err(End::Closed(PgError::fatal(
-                    sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    format!("pgcutover moved the database to another server and could not bring this session along: {e}; reconnect"),
-                )));
+                new = self.connect_to(&active).await?;
+                let copied = match self.copy_state(&mut new, false).await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(_)) => Err(migrate::MigrateError::Differs(format!("{} is still in recovery", active.name))),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = copied {
+                    tracing::warn!(session = id, error = %e, "session cannot move; closing it");
+                    tokio::spawn(terminate_backend(new.stream, new.port));
+                    return Err(cannot_move(&e));
+                }
             }
         }
         // The client learns what differs on the new server (server_version, ...).
@@ -400,6 +459,37 @@ impl Session {
         tracing::debug!(session = id, to = %target.name, "session moved");
         tokio::spawn(terminate_backend(old.stream, old.port));
         Ok(())
+    }
+
+    /// A new connection to `active` for this session (logged in as its client was).
+    async fn connect_to(&self, active: &Arc<BackendTarget>) -> Result<BackendConn, End> {
+        active.connect(&self.info().startup_params.to_vec(), &self.info().creds).await.map_err(|e| {
+            tracing::warn!(session = self.info().id, error = %e, "cannot open a connection on the new backend");
+            End::Closed(e.client_error(&active.name))
+        })
+    }
+
+    /// After a switchover's promotion, on a connection opened while its server was
+    /// a standby: listens on the session's channels and checks that transactions
+    /// are read-write as the session's own settings say (one round trip).
+    async fn after_promotion(&mut self, conn: &mut BackendConn, channels: &[migrate::Text]) -> Result<(), migrate::MigrateError> {
+        let mut sql = Vec::new();
+        for c in channels {
+            sql.extend_from_slice(b"LISTEN ");
+            sql.extend(migrate::ident(c));
+            sql.push(b';');
+        }
+        sql.extend_from_slice(b"SELECT pg_is_in_recovery()::text, (current_setting('transaction_read_only') = 'off' OR current_setting('default_transaction_read_only') = 'on')::text");
+        let mut asynchronous = Vec::new();
+        let rows = migrate::simple_query_bytes(&mut conn.stream, &sql, &mut asynchronous).await;
+        let mut params = params::Params::from(&conn.params);
+        self.deliver(asynchronous, conn.key.pid, Some(&mut params));
+        conn.params = params.to_vec();
+        match rows?.last().map(|r| r.as_slice()) {
+            Some([Some(recovering), Some(writable)]) if recovering == b"false" && writable == b"true" => Ok(()),
+            Some([Some(recovering), _]) if recovering == b"true" => Err(migrate::MigrateError::Differs("the server is still in recovery".into())),
+            _ => Err(migrate::MigrateError::Differs("transactions are read-only there".into())),
+        }
     }
 
     /// Ends the other side cleanly once one side has ended.

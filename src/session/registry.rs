@@ -84,6 +84,10 @@ pub struct Prewarmed {
     /// The session's request count when its state was copied onto `conn` (None:
     /// not copied). The copy is current while the count has not moved.
     pub copied_at: Option<u64>,
+    /// The copy was made while the target was a standby (a switchover's, before
+    /// its promotion): these LISTEN channels wait for the promotion, and the
+    /// connection's read-write state is checked then.
+    pub listen_later: Option<Vec<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Prewarmed {

@@ -197,6 +197,15 @@ impl Fixture {
     }
 }
 
+/// Starts a proxy from a configuration text written for its socket directory.
+pub async fn proxy_from(text: impl FnOnce(&std::path::Path) -> String) -> TestProxy {
+    let dir = tempfile::Builder::new().prefix("pgcutover-proxy-").tempdir().unwrap();
+    let config = Config::parse(&text(&dir.path().join("sock"))).unwrap();
+    config.validate().unwrap();
+    let handle = pgcutover::server::start(config).await.unwrap();
+    TestProxy { handle, _dir: dir }
+}
+
 pub struct TestProxy {
     pub handle: ProxyHandle,
     _dir: tempfile::TempDir,
