@@ -48,10 +48,14 @@ impl Physical {
     }
 
     fn config(&self, socket_dir: &std::path::Path, db: &str, extra: &str) -> String {
+        self.config_on(socket_dir, "127.0.0.1:0", db, extra)
+    }
+
+    fn config_on(&self, socket_dir: &std::path::Path, listen: &str, db: &str, extra: &str) -> String {
         format!(
             r#"
             [proxy]
-            listen = "127.0.0.1:0"
+            listen = "{listen}"
             socket_dir = "{socket_dir}"
             [auth]
             method = "scram-sha-256"
@@ -257,4 +261,60 @@ async fn a_standby_stuck_in_replay_rolls_back_with_no_error() {
     assert!(recovering, "green was promoted by a rolled-back switchover");
     reader.batch_execute("ROLLBACK").await.unwrap();
     pair.caught_up().await;
+}
+
+#[tokio::test]
+async fn a_promotion_that_fails_after_the_point_of_no_return_says_what_to_do_and_never_unfences_the_source() {
+    let db = "phys_lost";
+    let pair = physical_pair(db).await;
+    let proxy = common::proxy_from(|dir| pair.config(dir, db, "max_pause = \"2s\"")).await;
+    let client = proxy.connect(db).await;
+    client.batch_execute("INSERT INTO orders (client) VALUES (1)").await.unwrap();
+    // The standby goes away between the journaled point of no return and pg_promote().
+    let green = std::sync::Arc::new(pair.green);
+    let g = green.clone();
+    proxy.proxy().cutover.set_hook(Some(std::sync::Arc::new(move |at| {
+        let g = g.clone();
+        Box::pin(async move {
+            if at == "repointed" {
+                tokio::task::spawn_blocking(move || g.stop()).await.unwrap();
+            }
+            Ok(())
+        })
+    })));
+    let report = common::cut::cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    assert!(report["reason"].contains("was not confirmed") && report["reason"].contains("pg_promote"), "{report:#?}");
+    assert!(report["reason"].contains("blue stays fenced"), "{report:#?}");
+    assert_eq!(proxy.proxy().active_backend().name, "green", "the proxy never goes back to a source a standby may have replaced");
+    let blue = pair.blue.connect(db).await.unwrap();
+    let fenced: String = blue.query_one("SHOW default_transaction_read_only", &[]).await.unwrap().get(0);
+    assert_eq!(fenced, "on", "the source was unfenced");
+    drop(green);
+}
+
+#[tokio::test]
+async fn a_proxy_killed_after_the_switchovers_point_of_no_return_promotes_the_standby_at_its_next_start() {
+    let db = "phys_crash";
+    let pair = physical_pair(db).await;
+    let s = common::Served::start_text(|dir, listen| pair.config_on(dir, listen, db, ""), &[("PGCUTOVER_TEST_HOOK", "repointed:abort")]).await;
+    let c = s.connect("app", common::PASSWORD, db).await.unwrap();
+    c.batch_execute("INSERT INTO orders (client) VALUES (1)").await.unwrap();
+    let (ok, _, _) = s.cli(&["cutover", "--json"]).await;
+    assert!(!ok, "the proxy died in the middle");
+    let (dir, port) = s.exited().await;
+    // Killed before pg_promote(): green is still a standby, blue fenced.
+    let green = pair.green.connect(db).await.unwrap();
+    let recovering: bool = green.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0);
+    assert!(recovering);
+    let s = common::Served::run(dir, port).await;
+    let c = s.connect("app", common::PASSWORD, db).await.expect("the restarted proxy serves");
+    let port: i32 = c.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+    assert_eq!(port as u16, pair.green.port, "the restarted proxy serves on the promoted standby");
+    c.batch_execute("INSERT INTO orders (client) VALUES (2)").await.unwrap();
+    let n: i64 = green.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    let blue = pair.blue.connect(db).await.unwrap();
+    let fenced: String = blue.query_one("SHOW default_transaction_read_only", &[]).await.unwrap().get(0);
+    assert_eq!(fenced, "on", "the old primary stays fenced");
 }

@@ -28,6 +28,15 @@ impl Served {
         Served::run_env(dir, port, env).await
     }
 
+    /// Starts the binary on a configuration of the test's own, written for its
+    /// socket directory and listen address.
+    pub async fn start_text(text: impl FnOnce(&std::path::Path, &str) -> String, env: &[(&str, &str)]) -> Served {
+        let dir = tempfile::Builder::new().prefix("pgcutover-served-").tempdir().unwrap();
+        let port = pgcutover::cluster::free_port().unwrap();
+        std::fs::write(dir.path().join("proxy.toml"), text(&dir.path().join("sock"), &format!("127.0.0.1:{port}"))).unwrap();
+        Served::run_env(dir, port, env).await
+    }
+
     /// Starts the binary on the file already in `dir`.
     pub async fn run(dir: tempfile::TempDir, port: u16) -> Served {
         Served::run_env(dir, port, &[]).await
