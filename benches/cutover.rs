@@ -10,8 +10,13 @@
 //! statement and a LISTEN (the pause must not grow with them); PgBouncer's switch
 //! runs with the largest count of idle clients.
 //!
+//! `--physical` adds a switchover to a streaming standby (the same load and idle
+//! sessions, a primary and its `pg_basebackup` copy) and prints its pause and worst
+//! stall beside the logical cutover's.
+//!
 //!   cargo bench --bench cutover
 //!   cargo bench --bench cutover -- --idle-sessions 16,1000
+//!   cargo bench --bench cutover -- --physical
 //!   BENCH_SECONDS=12 BENCH_CLIENTS=16 BENCH_MODE=simple cargo bench --bench cutover
 
 mod common;
@@ -211,35 +216,28 @@ async fn bench() -> anyhow::Result<()> {
     for &n in &counts {
         let db = format!("bench_cutover_{n}");
         setup(&pair, &db).await?;
-        let dir = tempfile::tempdir()?;
-        let config = pgcutover::config::Config::parse(&format!(
-            "[proxy]\nlisten = \"127.0.0.1:0\"\nsocket_dir = \"{}\"\nmax_client_connections = {}\n[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n\
-             [backends.blue]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"disable\"\n[backends.green]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"disable\"\n\
-             [cutover]\nactive = \"blue\"\ntarget = \"green\"\ndrain_timeout = \"2s\"\n",
-            dir.path().display(),
-            n + 100,
-            pair.blue.port,
-            pair.green.port
-        ))?;
-        let handle = pgcutover::server::start(config).await?;
-        let idle = idle_sessions(handle.tcp_addr.port(), &db, n, true).await?;
-        let proxy = handle.proxy.clone();
-        let (lat, switch, report) = load(handle.tcp_addr.port(), &db, seconds, at, || async {
-            let report = pgcutover::cutover::run(&proxy, pgcutover::cutover::Options::default()).await;
-            if !report.committed() {
-                anyhow::bail!("cutover {}: {:?}", report.outcome.as_str(), report.reason);
-            }
-            Ok(serde_json::to_string(&report)?)
-        })
-        .await?;
-        drop(idle);
+        let (lat, switch, report) = through_proxy(pair.blue.port, pair.green.port, false, &db, n, seconds, at).await?;
         unfence(&pair).await?;
         runs.push((n, lat, switch, report));
     }
+    if std::env::args().any(|a| a == "--physical") {
+        let (lat, switch, report) = switchover(most, seconds, at).await?;
+        runs.push((most, lat, switch, report));
+        println!("\nlogical cutover and physical switchover, {most} idle sessions, same load:");
+        let last = runs.len() - 1;
+        let (logical, physical) = runs.split_at_mut(last);
+        let logical = &mut logical[last - 1..];
+        print_runs(logical);
+        print_runs(physical);
+        let r = |run: &(usize, Latencies, (f64, f64), String)| serde_json::from_str::<serde_json::Value>(&run.3).map(|v| v["pause_ms"].as_f64().unwrap_or(0.0)).unwrap_or(0.0);
+        let (l, p) = (r(&logical[0]), r(&physical[0]));
+        println!("  switchover pause / logical pause = {:.2}", p / l.max(0.001));
+        runs.pop();
+    }
+    print_runs(&mut runs);
     let (_, ours, switch_ours, report) = runs.last_mut().ok_or_else(|| anyhow::anyhow!("no run"))?;
     let (ours, switch_ours, report) = (std::mem::replace(ours, Latencies { window: Vec::new(), steady: Vec::new(), failed: 0 }), *switch_ours, report.clone());
     let mut ours = ours;
-    print_runs(&mut runs);
 
     // PgBouncer, transaction pooling, with the usual script.
     setup(&pair, "bench_bouncer").await?;
@@ -295,6 +293,52 @@ psql -X -q "$bouncer" -c "RESUME bench_bouncer"; step RESUME
     println!("\n  worst stall pgcutover/pgbouncer = {ratio:.3} (pgcutover's window includes its prewarm: {:.0} ms)", (switch_ours.1 - switch_ours.0) * 1000.0);
     drop(bouncer);
     Ok(())
+}
+
+/// A proxy in front of `blue` and `green` (`standby_of = "blue"` when `standby`)
+/// with `n` idle sessions, and the load with a cutover in the middle.
+#[allow(clippy::too_many_arguments)]
+async fn through_proxy(blue: u16, green: u16, standby: bool, db: &str, n: usize, seconds: u64, at: Duration) -> anyhow::Result<(Latencies, (f64, f64), String)> {
+    let dir = tempfile::tempdir()?;
+    let config = pgcutover::config::Config::parse(&format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nsocket_dir = \"{}\"\nmax_client_connections = {}\n[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n\
+         [backends.blue]\nhost = \"127.0.0.1\"\nport = {blue}\ntls = \"disable\"\n[backends.green]\nhost = \"127.0.0.1\"\nport = {green}\ntls = \"disable\"\n{}\
+         [cutover]\nactive = \"blue\"\ntarget = \"green\"\ndrain_timeout = \"2s\"\n",
+        dir.path().display(),
+        n + 100,
+        if standby { "standby_of = \"blue\"\n" } else { "" },
+    ))?;
+    let handle = pgcutover::server::start(config).await?;
+    let idle = idle_sessions(handle.tcp_addr.port(), db, n, true).await?;
+    let proxy = handle.proxy.clone();
+    let result = load(handle.tcp_addr.port(), db, seconds, at, || async {
+        let report = pgcutover::cutover::run(&proxy, pgcutover::cutover::Options::default()).await;
+        if !report.committed() {
+            anyhow::bail!("cutover {}: {:?}", report.outcome.as_str(), report.reason);
+        }
+        Ok(serde_json::to_string(&report)?)
+    })
+    .await;
+    drop(idle);
+    result
+}
+
+/// The same load and idle sessions with a switchover to a streaming standby
+/// (`pg_basebackup -R -c fast`) instead of a logical cutover.
+async fn switchover(n: usize, seconds: u64, at: Duration) -> anyhow::Result<(Latencies, (f64, f64), String)> {
+    let options = ClusterOptions { settings: vec![format!("max_connections = {}", 2 * n + 200)], ..Default::default() };
+    let primary = pgcutover::cluster::Cluster::start("primary", &options)?;
+    let db = "bench_switchover";
+    primary.execute("postgres", &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'")).await?;
+    primary.execute("postgres", &format!("CREATE DATABASE {db} OWNER app")).await?;
+    primary.execute(db, &format!("SET ROLE app; {} {}", pgcutover::cluster::PGBENCH_SCHEMA, pgcutover::cluster::pgbench_rows(100_000))).await?;
+    let standby = pgcutover::cluster::Cluster::start_standby("standby", &primary)?;
+    let (p, s) = (primary.connect("postgres").await?, standby.connect("postgres").await?);
+    let lsn: String = p.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    while !s.query_one("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", &[&lsn]).await?.get::<_, bool>(0) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    through_proxy(primary.port, standby.port, true, db, n, seconds, at).await
 }
 
 /// One line per count of idle sessions: the pause, its phases and the worst stall.

@@ -13,6 +13,11 @@
 //! database is journaled before it is made ([`journal`]); a failure at any await
 //! point before the repoint, a timeout, SIGTERM or a crash is undone from the
 //! journal (after a crash, by the next start: [`recover`]).
+//!
+//! A target that is a physical standby of the source (`standby_of`, or found in
+//! recovery) gets a switchover instead ([`physical`]): the same steps, with WAL
+//! replay for the catch-up, no sequence copy, and the promotion as the point of no
+//! return.
 
 mod catchup;
 mod control;
@@ -551,6 +556,9 @@ impl Run {
             for c in checks {
                 if !c.ok && (c.guards_data || !force) {
                     problems.push(c.to_string());
+                }
+                if c.ok && c.detail.starts_with("note: ") {
+                    self.report.notes.push(c.detail.trim_start_matches("note: ").to_string());
                 }
                 self.report.preflight.push(c.to_string());
             }

@@ -141,11 +141,15 @@ pub async fn check(target: &str, src: &Client, dst: &Client, max_lag: u64) -> an
         true,
         (!may_promote).then(|| "the admin user may not run pg_promote() there (a superuser, or GRANT EXECUTE ON FUNCTION pg_promote)".into()),
     ));
-    checks.push(Check::new(
-        "the source can be rewound into a standby afterwards (the way back)",
-        false,
-        (!rewindable).then(|| "pg_rewind needs wal_log_hints = on or data checksums on the source; without them the way back is a new pg_basebackup".into()),
-    ));
+    // Advice, not a condition: the switchover does not need it.
+    if !rewindable {
+        checks.push(Check {
+            name: "the source can be rewound into a standby afterwards (the way back)".into(),
+            ok: true,
+            guards_data: false,
+            detail: "note: pg_rewind needs wal_log_hints = on or data checksums on the source; without them the way back is a new pg_basebackup".into(),
+        });
+    }
     Ok((checks, lag))
 }
 
