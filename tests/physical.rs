@@ -47,6 +47,8 @@ impl Physical {
         );
     }
 
+    /// `extra`: more `[cutover]` lines. The deadlines that are not under test are
+    /// generous: a busy machine must not fail a test by slowing a transaction down.
     fn config(&self, socket_dir: &std::path::Path, db: &str, extra: &str) -> String {
         self.config_on(socket_dir, "127.0.0.1:0", db, extra)
     }
@@ -75,7 +77,7 @@ impl Physical {
             active = "blue"
             target = "green"
             databases = ["{db}"]
-            drain_timeout = "2s"
+            drain_timeout = "30s"
             {extra}
             "#,
             socket_dir = socket_dir.display(),
@@ -109,7 +111,7 @@ async fn stateful_session(proxy: &common::TestProxy, db: &str) -> (tokio_postgre
 async fn a_switchover_under_load_loses_nothing_and_the_way_back_is_the_same_command() {
     let db = "phys";
     let pair = physical_pair(db).await;
-    let proxy = common::proxy_from(|dir| pair.config(dir, db, "")).await;
+    let proxy = common::proxy_from(|dir| pair.config(dir, db, "max_pause = \"60s\"")).await;
     let (session, stmt, mut notes) = stateful_session(&proxy, db).await;
 
     let load = pgbench(proxy.port(), db, "prepared", 8, 4);
@@ -231,7 +233,7 @@ async fn a_stopped_standby_refuses_the_switchover() {
 async fn a_standby_stuck_in_replay_rolls_back_with_no_error() {
     let db = "phys_stuck";
     let pair = physical_pair(db).await;
-    let proxy = common::proxy_from(|dir| pair.config(dir, db, "catchup_timeout = \"1s\"")).await;
+    let proxy = common::proxy_from(|dir| pair.config(dir, db, "catchup_timeout = \"1s\"\nmax_pause = \"60s\"")).await;
     // Replay waits for ever on a lock conflict with a query on the standby.
     let green_admin = pair.green.connect("postgres").await.unwrap();
     green_admin.batch_execute("ALTER SYSTEM SET max_standby_streaming_delay = -1").await.unwrap();
@@ -267,7 +269,7 @@ async fn a_standby_stuck_in_replay_rolls_back_with_no_error() {
 async fn a_promotion_that_fails_after_the_point_of_no_return_says_what_to_do_and_never_unfences_the_source() {
     let db = "phys_lost";
     let pair = physical_pair(db).await;
-    let proxy = common::proxy_from(|dir| pair.config(dir, db, "max_pause = \"2s\"")).await;
+    let proxy = common::proxy_from(|dir| pair.config(dir, db, "max_pause = \"5s\"")).await;
     let client = proxy.connect(db).await;
     client.batch_execute("INSERT INTO orders (client) VALUES (1)").await.unwrap();
     // The standby goes away between the journaled point of no return and pg_promote().

@@ -98,3 +98,25 @@ pub async fn wait_replayed(src: &Client, dst: &Client, subs: &[Subscription], ls
     }
     Ok((started.elapsed(), by))
 }
+
+/// Refreshes the subscriptions on `dst` that stream from `src` (tables created
+/// since they were made join them) and waits, up to `bound`, until every table of
+/// theirs is synchronised. Returns their names.
+pub async fn refresh_subscriptions_from(src: &Client, dst: &Client, bound: Duration) -> anyhow::Result<Vec<String>> {
+    let subs: Vec<Subscription> = subscriptions(src, dst).await?.into_iter().filter(|s| s.from_source && s.enabled).collect();
+    for s in &subs {
+        dst.batch_execute(&format!("ALTER SUBSCRIPTION {} REFRESH PUBLICATION", crate::session::migrate::quote_ident(&s.name))).await?;
+    }
+    let oids: Vec<u32> = subs.iter().map(|s| s.oid).collect();
+    let deadline = Instant::now() + bound;
+    loop {
+        let pending: i64 = dst.query_one("SELECT count(*) FROM pg_subscription_rel WHERE srsubid = ANY($1) AND srsubstate <> 'r'", &[&oids]).await?.get(0);
+        if pending == 0 {
+            return Ok(subs.into_iter().map(|s| s.name).collect());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("{pending} table(s) still copying after {bound:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

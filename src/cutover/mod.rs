@@ -48,6 +48,7 @@ use crate::server::Proxy;
 pub use error::{CutoverError, Failure, Phase};
 use hooks::{Hook, Hooks};
 use journal::{Entry, Journal};
+pub use preflight::check;
 pub use recovery::recover;
 use recovery::undo;
 pub use report::{CutoverReport, Outcome};
@@ -208,29 +209,8 @@ async fn supervise(proxy: &Arc<Proxy>, opts: Options) -> CutoverReport {
     report
 }
 
+pub use catchup::refresh_subscriptions_from;
 pub use control::connect as control_connect;
-
-/// Refreshes the subscriptions on `dst` that stream from `src` (tables created
-/// since they were made join them) and waits, up to `bound`, until every table of
-/// theirs is synchronised. Returns their names.
-pub async fn refresh_subscriptions_from(src: &Client, dst: &Client, bound: Duration) -> anyhow::Result<Vec<String>> {
-    let subs: Vec<catchup::Subscription> = catchup::subscriptions(src, dst).await?.into_iter().filter(|s| s.from_source && s.enabled).collect();
-    for s in &subs {
-        dst.batch_execute(&format!("ALTER SUBSCRIPTION {} REFRESH PUBLICATION", crate::session::migrate::quote_ident(&s.name))).await?;
-    }
-    let oids: Vec<u32> = subs.iter().map(|s| s.oid).collect();
-    let deadline = Instant::now() + bound;
-    loop {
-        let pending: i64 = dst.query_one("SELECT count(*) FROM pg_subscription_rel WHERE srsubid = ANY($1) AND srsubstate <> 'r'", &[&oids]).await?.get(0);
-        if pending == 0 {
-            return Ok(subs.into_iter().map(|s| s.name).collect());
-        }
-        if Instant::now() >= deadline {
-            anyhow::bail!("{pending} table(s) still copying after {bound:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// The journal of a configuration: next to its state file, if it has one.
 pub fn journal_path(config: &Config, config_path: Option<PathBuf>) -> Option<PathBuf> {
@@ -473,64 +453,6 @@ impl Run {
         self.journal.record(Entry::Repoint { target: self.target.name.clone(), subscriptions, reverse }).map_err(|e| CutoverError::Journal(e.to_string()))
     }
 
-    /// A switchover's catch-up: the standby has replayed the source's WAL up to T.
-    /// Then the point of no return (the promotion) is journaled.
-    async fn switchover_steps(&mut self) -> Result<(), CutoverError> {
-        self.phase = Phase::Catchup;
-        let t = Instant::now();
-        let deadline = Instant::now() + self.config.cutover.catchup_timeout;
-        let db = &self.databases[0];
-        let lsn = physical::mark(&db.src).await?;
-        let after = physical::wait_replayed(&db.dst, &lsn, deadline).await?;
-        self.report.catchup.push(Catchup { database: db.name.clone(), subscription: "physical replication".into(), lsn, reached_after_ms: ms(after), detected_by: "pg_last_wal_replay_lsn" });
-        self.record(Phase::Catchup, t);
-        self.hooks.at("catchup").await?;
-        self.report.notes.push("sequences: not copied, physical replication carries them".into());
-        if self.rehearse {
-            return Err(CutoverError::Rehearsal);
-        }
-        self.phase = Phase::Repoint;
-        self.hooks.at("repoint").await?;
-        let roles = self.report.fenced_roles.clone();
-        self.journal.record(Entry::Promote { target: self.target.name.clone(), roles }).map_err(|e| CutoverError::Journal(e.to_string()))
-    }
-
-    /// Past the point of no return of a switchover: promotes the target and gives
-    /// the fenced roles LOGIN back there. A failure cannot roll back (the target
-    /// may be a primary already, and the source must never be one again beside it):
-    /// the report says what the operator must do.
-    async fn promote(&mut self) {
-        let t = Instant::now();
-        let bound = self.config.cutover.max_pause;
-        let db = &self.databases[0];
-        let roles = self.report.fenced_roles.clone();
-        let promoted = async {
-            let took = physical::promote(&db.dst, bound).await?;
-            fence::give_login(&db.dst, &roles).await?;
-            Ok::<_, CutoverError>(took)
-        }
-        .await;
-        self.record(Phase::Promote, t);
-        let advice = physical::rewind_advice(&self.source.name, &self.target.name, &self.target.config);
-        match promoted {
-            Ok(took) => {
-                self.report.notes.push(format!("{} promoted in {:.3} ms", self.target.name, ms(took)));
-                self.report.notes.push(advice);
-            }
-            Err(e) => {
-                tracing::error!(target = %self.target.name, error = %e, "the switchover's promotion failed after its point of no return");
-                self.report.reason = Some(format!(
-                    "the promotion of {target} was not confirmed ({e}). The proxy serves on {target}; {source} stays fenced and must stay so. \
-                     Check {target}: if it is still in recovery, promote it (SELECT pg_promote(), or pg_ctl promote); then give LOGIN back to {roles} there",
-                    target = self.target.name,
-                    source = self.source.name,
-                    roles = if roles.is_empty() { "the application roles".to_string() } else { roles.join(", ") },
-                ));
-                self.report.notes.push(advice);
-            }
-        }
-    }
-
     async fn preflight(&mut self, force: bool) -> Result<(), CutoverError> {
         let cut = &self.config.cutover;
         let t = Instant::now();
@@ -549,7 +471,7 @@ impl Run {
         let our_pids: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
         let mut problems = Vec::new();
         let settings = preflight::Settings::of(&self.config, &self.source.config.admin_user);
-        self.physical = physical_mode(&self.source.name, &self.target.name, &self.target.config, &self.databases[0].dst).await?;
+        self.physical = physical::physical_mode(&self.source.name, &self.target.name, &self.target.config, &self.databases[0].dst).await?;
         if self.physical {
             self.report.kind = "physical";
             let checks = self.physical_preflight(&our_pids, &settings).await?;
@@ -597,26 +519,6 @@ impl Run {
             return Err(CutoverError::Refused(problems.join("; ")));
         }
         Ok(())
-    }
-
-    /// The checks of a switchover: the standby's, once, and per database what every
-    /// cutover checks and the unlogged tables a promotion would leave empty.
-    async fn physical_preflight(&mut self, our_pids: &[i32], settings: &preflight::Settings) -> Result<Vec<preflight::Check>, CutoverError> {
-        let db = &self.databases[0];
-        let (mut checks, lag) = physical::check(&self.target.name, &db.src, &db.dst, settings.max_lag).await?;
-        if let Some(l) = lag {
-            self.proxy.cutover.lag.lock().unwrap_or_else(|p| p.into_inner()).insert(db.name.clone(), l);
-        }
-        for db in &mut self.databases {
-            checks.extend(preflight::check_common(&db.name, &db.src, &db.dst, our_pids, settings).await?);
-            checks.push(physical::unlogged(&db.name, &db.src).await?);
-            // Nothing replicates logically here: the standby's catalog is the source's.
-            db.subscriptions.clear();
-        }
-        if self.config.cutover.reverse_replication {
-            self.report.notes.push("reverse replication does not apply to a switchover: the way back is pg_rewind".into());
-        }
-        Ok(checks)
     }
 
     /// After the point of no return: repoint, resume, let sessions move, disable the
@@ -759,51 +661,4 @@ impl Run {
         report.reason = Some(reason);
         report
     }
-}
-
-/// Whether a cutover from `source` to `target` is a switchover to a physical
-/// standby: declared with `standby_of`, or found in recovery.
-async fn physical_mode(source: &str, target: &str, config: &crate::config::BackendConfig, dst: &Client) -> Result<bool, CutoverError> {
-    let recovering = physical::in_recovery(dst).await?;
-    match &config.standby_of {
-        Some(primary) if primary != source => Err(CutoverError::Refused(format!("{target} is declared a standby of {primary} (standby_of), but the active backend is {source}"))),
-        Some(primary) if !recovering => Err(CutoverError::Refused(format!("{target} is declared a standby of {primary} (standby_of), but it is not in recovery: promoted already?"))),
-        _ => Ok(recovering),
-    }
-}
-
-/// Preflight on its own (`pgcutover check`): every check for every database served.
-pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<preflight::Check>> {
-    let config = proxy.config();
-    let source = proxy.active_backend();
-    let name = to.map(str::to_owned).or_else(|| config.cutover.target.clone()).unwrap_or_default();
-    let target = proxy.backend(&name).ok_or_else(|| anyhow::anyhow!("no backend named {name:?} (set --to or [cutover] target)"))?;
-    let mut names: BTreeSet<String> = config.cutover.databases.iter().cloned().collect();
-    names.extend(proxy.sessions.list().iter().map(|s| s.database.clone()));
-    if names.is_empty() {
-        anyhow::bail!("no database to check: no session is open and [cutover] databases is empty");
-    }
-    let our_pids: Vec<i32> = proxy.sessions.list().iter().filter(|s| s.backend().target.name == source.name).map(|s| s.backend().key.pid).collect();
-    let settings = preflight::Settings::of(&config, &source.config.admin_user);
-    let mut all = Vec::new();
-    for (i, db) in names.into_iter().enumerate() {
-        let src = control::connect(&source.config, &db, "pgcutover check").await?;
-        let dst = control::connect(&target.config, &db, "pgcutover check").await?;
-        if physical_mode(&source.name, &target.name, &target.config, &dst).await.map_err(|e| anyhow::anyhow!("{e}"))? {
-            if i == 0 {
-                all.extend(physical::check(&target.name, &src, &dst, settings.max_lag).await?.0);
-            }
-            all.extend(preflight::check_common(&db, &src, &dst, &our_pids, &settings).await?);
-            all.push(physical::unlogged(&db, &src).await?);
-            continue;
-        }
-        let subs = catchup::subscriptions(&src, &dst).await?;
-        all.extend(preflight::check_database(&db, &src, &dst, &subs, &our_pids, &settings, Some(&proxy.cutover.lag)).await?);
-        if config.cutover.reverse_replication {
-            let oids: Vec<u32> = subs.iter().filter(|s| s.from_source).map(|s| s.oid).collect();
-            let tables = reverse::tables(&dst, &oids).await?;
-            all.extend(reverse::check(&db, &src, &dst, &tables).await?);
-        }
-    }
-    Ok(all)
 }

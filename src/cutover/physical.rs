@@ -29,8 +29,10 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use super::preflight::Check;
-use super::CutoverError;
+use super::journal::Entry;
+use super::preflight::{self, Check};
+use super::report::{ms, Catchup};
+use super::{fence, CutoverError, Phase, Run};
 
 /// Whether the server is in recovery (a standby).
 pub async fn in_recovery(c: &Client) -> Result<bool, tokio_postgres::Error> {
@@ -217,6 +219,97 @@ pub fn rewind_advice(source: &str, target: &str, target_cfg: &crate::config::Bac
          then `pgcutover check --to {source}` verifies it, and `pgcutover cutover --to {source}` is the way back",
         target_cfg.host, target_cfg.port, target_cfg.admin_user,
     )
+}
+
+impl Run {
+    /// The checks of a switchover: the standby's, once, and per database what every
+    /// cutover checks and the unlogged tables a promotion would leave empty.
+    pub(super) async fn physical_preflight(&mut self, our_pids: &[i32], settings: &preflight::Settings) -> Result<Vec<preflight::Check>, CutoverError> {
+        let db = &self.databases[0];
+        let (mut checks, lag) = check(&self.target.name, &db.src, &db.dst, settings.max_lag).await?;
+        if let Some(l) = lag {
+            self.proxy.cutover.lag.lock().unwrap_or_else(|p| p.into_inner()).insert(db.name.clone(), l);
+        }
+        for db in &mut self.databases {
+            checks.extend(preflight::check_common(&db.name, &db.src, &db.dst, our_pids, settings).await?);
+            checks.push(unlogged(&db.name, &db.src).await?);
+            // Nothing replicates logically here: the standby's catalog is the source's.
+            db.subscriptions.clear();
+        }
+        if self.config.cutover.reverse_replication {
+            self.report.notes.push("reverse replication does not apply to a switchover: the way back is pg_rewind".into());
+        }
+        Ok(checks)
+    }
+
+    /// A switchover's catch-up: the standby has replayed the source's WAL up to T.
+    /// Then the point of no return (the promotion) is journaled.
+    pub(super) async fn switchover_steps(&mut self) -> Result<(), CutoverError> {
+        self.phase = Phase::Catchup;
+        let t = Instant::now();
+        let deadline = Instant::now() + self.config.cutover.catchup_timeout;
+        let db = &self.databases[0];
+        let lsn = mark(&db.src).await?;
+        let after = wait_replayed(&db.dst, &lsn, deadline).await?;
+        self.report.catchup.push(Catchup { database: db.name.clone(), subscription: "physical replication".into(), lsn, reached_after_ms: ms(after), detected_by: "pg_last_wal_replay_lsn" });
+        self.record(Phase::Catchup, t);
+        self.hooks.at("catchup").await?;
+        self.report.notes.push("sequences: not copied, physical replication carries them".into());
+        if self.rehearse {
+            return Err(CutoverError::Rehearsal);
+        }
+        self.phase = Phase::Repoint;
+        self.hooks.at("repoint").await?;
+        let roles = self.report.fenced_roles.clone();
+        self.journal.record(Entry::Promote { target: self.target.name.clone(), roles }).map_err(|e| CutoverError::Journal(e.to_string()))
+    }
+
+    /// Past the point of no return of a switchover: promotes the target and gives
+    /// the fenced roles LOGIN back there. A failure cannot roll back (the target
+    /// may be a primary already, and the source must never be one again beside it):
+    /// the report says what the operator must do.
+    pub(super) async fn promote(&mut self) {
+        let t = Instant::now();
+        let bound = self.config.cutover.max_pause;
+        let db = &self.databases[0];
+        let roles = self.report.fenced_roles.clone();
+        let promoted = async {
+            let took = promote(&db.dst, bound).await?;
+            fence::give_login(&db.dst, &roles).await?;
+            Ok::<_, CutoverError>(took)
+        }
+        .await;
+        self.record(Phase::Promote, t);
+        let advice = rewind_advice(&self.source.name, &self.target.name, &self.target.config);
+        match promoted {
+            Ok(took) => {
+                self.report.notes.push(format!("{} promoted in {:.3} ms", self.target.name, ms(took)));
+                self.report.notes.push(advice);
+            }
+            Err(e) => {
+                tracing::error!(target = %self.target.name, error = %e, "the switchover's promotion failed after its point of no return");
+                self.report.reason = Some(format!(
+                    "the promotion of {target} was not confirmed ({e}). The proxy serves on {target}; {source} stays fenced and must stay so. \
+                     Check {target}: if it is still in recovery, promote it (SELECT pg_promote(), or pg_ctl promote); then give LOGIN back to {roles} there",
+                    target = self.target.name,
+                    source = self.source.name,
+                    roles = if roles.is_empty() { "the application roles".to_string() } else { roles.join(", ") },
+                ));
+                self.report.notes.push(advice);
+            }
+        }
+    }
+}
+
+/// Whether a cutover from `source` to `target` is a switchover to a physical
+/// standby: declared with `standby_of`, or found in recovery.
+pub(super) async fn physical_mode(source: &str, target: &str, config: &crate::config::BackendConfig, dst: &Client) -> Result<bool, CutoverError> {
+    let recovering = in_recovery(dst).await?;
+    match &config.standby_of {
+        Some(primary) if primary != source => Err(CutoverError::Refused(format!("{target} is declared a standby of {primary} (standby_of), but the active backend is {source}"))),
+        Some(primary) if !recovering => Err(CutoverError::Refused(format!("{target} is declared a standby of {primary} (standby_of), but it is not in recovery: promoted already?"))),
+        _ => Ok(recovering),
+    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,15 @@
 //! Preflight: the conditions a cutover needs, checked before anything pauses, and
 //! on their own by `pgcutover check`.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::catchup::Subscription;
+use crate::server::Proxy;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -196,4 +199,40 @@ pub async fn check_database(
     ));
     checks.extend(check_common(db, src, dst, our_pids, settings).await?);
     Ok(checks)
+}
+
+/// Preflight on its own (`pgcutover check`): every check for every database served.
+pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<Check>> {
+    let config = proxy.config();
+    let source = proxy.active_backend();
+    let name = to.map(str::to_owned).or_else(|| config.cutover.target.clone()).unwrap_or_default();
+    let target = proxy.backend(&name).ok_or_else(|| anyhow::anyhow!("no backend named {name:?} (set --to or [cutover] target)"))?;
+    let mut names: BTreeSet<String> = config.cutover.databases.iter().cloned().collect();
+    names.extend(proxy.sessions.list().iter().map(|s| s.database.clone()));
+    if names.is_empty() {
+        anyhow::bail!("no database to check: no session is open and [cutover] databases is empty");
+    }
+    let our_pids: Vec<i32> = proxy.sessions.list().iter().filter(|s| s.backend().target.name == source.name).map(|s| s.backend().key.pid).collect();
+    let settings = Settings::of(&config, &source.config.admin_user);
+    let mut all = Vec::new();
+    for (i, db) in names.into_iter().enumerate() {
+        let src = super::control::connect(&source.config, &db, "pgcutover check").await?;
+        let dst = super::control::connect(&target.config, &db, "pgcutover check").await?;
+        if super::physical::physical_mode(&source.name, &target.name, &target.config, &dst).await.map_err(|e| anyhow::anyhow!("{e}"))? {
+            if i == 0 {
+                all.extend(super::physical::check(&target.name, &src, &dst, settings.max_lag).await?.0);
+            }
+            all.extend(check_common(&db, &src, &dst, &our_pids, &settings).await?);
+            all.push(super::physical::unlogged(&db, &src).await?);
+            continue;
+        }
+        let subs = super::catchup::subscriptions(&src, &dst).await?;
+        all.extend(check_database(&db, &src, &dst, &subs, &our_pids, &settings, Some(&proxy.cutover.lag)).await?);
+        if config.cutover.reverse_replication {
+            let oids: Vec<u32> = subs.iter().filter(|s| s.from_source).map(|s| s.oid).collect();
+            let tables = super::reverse::tables(&dst, &oids).await?;
+            all.extend(super::reverse::check(&db, &src, &dst, &tables).await?);
+        }
+    }
+    Ok(all)
 }
