@@ -311,6 +311,13 @@ async fn through_proxy(blue: u16, green: u16, standby: bool, db: &str, n: usize,
     let handle = pgcutover::server::start(config).await?;
     let idle = idle_sessions(handle.tcp_addr.port(), db, n, true).await?;
     let proxy = handle.proxy.clone();
+    // Where the time goes between the cutover's await points (its test hooks).
+    let points: std::sync::Arc<std::sync::Mutex<Vec<(&'static str, std::time::Instant)>>> = Default::default();
+    let seen = points.clone();
+    proxy.cutover.set_hook(Some(std::sync::Arc::new(move |at| {
+        seen.lock().unwrap_or_else(|p| p.into_inner()).push((at, std::time::Instant::now()));
+        Box::pin(async { Ok(()) })
+    })));
     let result = load(handle.tcp_addr.port(), db, seconds, at, || async {
         let report = pgcutover::cutover::run(&proxy, pgcutover::cutover::Options::default()).await;
         if !report.committed() {
@@ -320,6 +327,9 @@ async fn through_proxy(blue: u16, green: u16, standby: bool, db: &str, n: usize,
     })
     .await;
     drop(idle);
+    let points = points.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let steps: Vec<String> = points.windows(2).map(|w| format!("{} {:.1}", w[1].0, (w[1].1 - w[0].1).as_secs_f64() * 1000.0)).collect();
+    println!("  {n} idle: ms up to each await point since the one before: {}", steps.join(", "));
     result
 }
 

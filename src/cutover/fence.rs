@@ -121,34 +121,26 @@ pub struct Plan<'a> {
 /// describing every step that may have been made; [`undo`] reverses them.
 pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: &Hooks) -> Result<Fenced, CutoverError> {
     let started = Instant::now();
-    // One round trip: the files' errors, postgresql.auto.conf's value, and this
-    // session writable whatever the fence does.
+    // One round trip: the files' errors, postgresql.auto.conf's value, the roles
+    // that can log in now, and this session writable whatever the fence does.
     let row = src
         .query_one(
             "SELECT (SELECT string_agg(coalesce(sourcefile, '?') || ':' || coalesce(sourceline::text, '?') || ': ' || error, '; ' ORDER BY seqno) FROM pg_file_settings WHERE error IS NOT NULL), \
                     (SELECT setting FROM pg_file_settings WHERE name = 'default_transaction_read_only' AND sourcefile LIKE '%/postgresql.auto.conf' ORDER BY seqno DESC LIMIT 1), \
+                    (SELECT coalesce(array_agg(rolname::text ORDER BY rolname), '{}') FROM pg_roles WHERE rolname = ANY($1) AND rolcanlogin AND rolname <> $2), \
                     set_config('default_transaction_read_only', 'off', false)",
-            &[],
+            &[&plan.roles, &plan.admin_user],
         )
         .await?;
     if let Some(e) = row.get::<_, Option<String>>(0) {
         return Err(config_errors_refusal(&e));
     }
     let previous: Option<String> = row.get(1);
+    let roles: Vec<String> = row.get(2);
+    // postgresql.auto.conf first; it takes effect with the reload below.
     journal.record(Entry::ReadOnly { database: plan.database.into(), previous }).map_err(|e| CutoverError::Journal(e.to_string()))?;
     src.batch_execute("ALTER SYSTEM SET default_transaction_read_only = on").await?;
     hooks.at("fence.read_only").await?;
-    // The postmaster reloads while the roles change; the fence is complete once
-    // every backend has (checked at the end).
-    // One round trip: this backend's load time only changes when it handles the
-    // reload's signal, at its next command, so reading it with the reload is safe.
-    let before: String = src.query_one("SELECT pg_conf_load_time()::text, pg_reload_conf()", &[]).await?.get(0);
-    hooks.at("fence.reload").await?;
-
-    let rows = src
-        .query("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1) AND rolcanlogin AND rolname <> $2 ORDER BY 1", &[&plan.roles, &plan.admin_user])
-        .await?;
-    let roles: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     if !roles.is_empty() {
         journal.record(Entry::NoLogin { database: plan.database.into(), roles: roles.clone() }).map_err(|e| CutoverError::Journal(e.to_string()))?;
         alter_roles(src, &roles, "NOLOGIN").await?;
@@ -157,7 +149,9 @@ pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: 
 
     // What is left of the application's logins on the source and did not come
     // through the proxy: its own backends are known by pid and, logging in or out,
-    // by their local port.
+    // by their local port. Looked at before the reload: the reload's signal wakes
+    // every backend of the server at once, and a scan in that storm takes several
+    // times as long.
     let rows = src
         .query(
             "SELECT pid, coalesce(client_port, -1) FROM pg_stat_activity \
@@ -171,6 +165,10 @@ pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: 
         src.query_one("SELECT count(pg_terminate_backend(p)) FROM unnest($1::int4[]) p", &[&strangers]).await?;
     }
     hooks.at("fence.terminate").await?;
+    // One round trip: this backend's load time only changes when it handles the
+    // reload's signal, at its next command, so reading it with the reload is safe.
+    let before: String = src.query_one("SELECT pg_conf_load_time()::text, pg_reload_conf()", &[]).await?.get(0);
+    hooks.at("fence.reload").await?;
     reloaded(src, &before, plan.reload_bound).await?;
     hooks.at("fence.reloaded").await?;
     Ok(Fenced { roles, terminated: strangers.len() })
