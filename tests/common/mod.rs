@@ -178,6 +178,9 @@ impl Fixture {
             [cutover]
             active = "blue"
             target = "green"
+            # Room for a transaction on a busy machine: tests of the drain's
+            # deadline set their own.
+            drain_timeout = "10s"
             "#,
             socket_dir = socket_dir.display(),
             verifier = self.verifier,
