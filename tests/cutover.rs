@@ -76,7 +76,7 @@ async fn cutover_under_pgbench(mode: &str) {
     let f = fixture();
     let db = format!("co_bench_{mode}");
     common::cut::bench_database(f, &db).await;
-    let proxy = f.proxy(|c| c.cutover.drain_timeout = Duration::from_secs(2)).await;
+    let proxy = f.proxy(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("tx.sql");
     std::fs::write(&script, pgcutover::cluster::pgbench_script(10_000)).unwrap();

@@ -17,7 +17,6 @@ async fn a_rehearsal_under_load_pauses_the_clients_and_changes_nothing() {
     let proxy = f
         .proxy(|c| {
             c.cutover.databases = vec![db.into()];
-            c.cutover.drain_timeout = Duration::from_secs(2);
         })
         .await;
     let green = f.green().connect(db).await.unwrap();
@@ -73,7 +72,6 @@ async fn a_cutover_and_back_with_reverse_replication_keeps_every_write_exactly_o
     let proxy = f
         .proxy(|c| {
             c.cutover.databases = vec![db.into()];
-            c.cutover.drain_timeout = Duration::from_secs(2);
             c.cutover.reverse_replication = true;
         })
         .await;
