@@ -320,3 +320,49 @@ async fn a_proxy_killed_after_the_switchovers_point_of_no_return_promotes_the_st
     let fenced: String = blue.query_one("SHOW default_transaction_read_only", &[]).await.unwrap().get(0);
     assert_eq!(fenced, "on", "the old primary stays fenced");
 }
+
+#[tokio::test]
+async fn a_client_that_logs_in_during_the_switchover_completes_its_login_on_the_promoted_server() {
+    let db = "phys_login";
+    let pair = physical_pair(db).await;
+    let proxy = common::proxy_from(|dir| pair.config(dir, db, "max_pause = \"60s\"")).await;
+    let existing = proxy.connect(db).await;
+    // The switchover waits after its catch-up, when the standby has replayed the
+    // fence's NOLOGIN, until the test lets it go on.
+    let (reached_tx, reached) = tokio::sync::oneshot::channel::<()>();
+    let reached_tx = std::sync::Mutex::new(Some(reached_tx));
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let g = go.clone();
+    proxy.proxy().cutover.set_hook(Some(std::sync::Arc::new(move |at| {
+        let g = g.clone();
+        let reached = if at == "catchup" { reached_tx.lock().unwrap().take() } else { None };
+        Box::pin(async move {
+            if let Some(tx) = reached {
+                let _ = tx.send(());
+                g.notified().await;
+            }
+            Ok(())
+        })
+    })));
+    let p = proxy.proxy().clone();
+    let switch = tokio::spawn(async move { pgcutover::admin::execute(&p, "CUTOVER green").await.map(|r| r.rows()) });
+    reached.await.unwrap();
+    let green = pair.green.connect("postgres").await.unwrap();
+    let login: bool = green.query_one("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'app'", &[]).await.unwrap().get(0);
+    assert!(!login, "the standby has replayed the fence's NOLOGIN");
+    let url = proxy.conninfo("app", common::PASSWORD, db);
+    let newcomer = tokio::spawn(async move {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        c.query_one("INSERT INTO orders (client) VALUES (7) RETURNING pg_is_in_recovery()", &[]).await.map(|r| r.get::<_, bool>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!newcomer.is_finished(), "the login waits for the pause to end");
+    go.notify_one();
+    let rows = switch.await.unwrap().expect("CUTOVER answers");
+    let report: std::collections::HashMap<String, String> = rows.into_iter().map(|r| (r[0].clone().unwrap_or_default(), r[1].clone().unwrap_or_default())).collect();
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    let recovering = newcomer.await.unwrap().expect("the login completes after the switchover");
+    assert!(!recovering, "the newcomer writes on the promoted server");
+    existing.batch_execute("INSERT INTO orders (client) VALUES (8)").await.unwrap();
+}

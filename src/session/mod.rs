@@ -70,14 +70,11 @@ async fn start(proxy: Arc<Proxy>, mut login: Login) -> Option<(Session, registry
     // A switchover's standby replays the fence's NOLOGIN before its promotion
     // gives LOGIN back: a login refused there waits for the pause to end.
     if matches!(conn, Err(crate::backend::BackendError::Refused { .. })) && proxy.logins_redirected() {
+        // The redirect ends before the gate opens.
         let bound = proxy.config().cutover.max_pause + Duration::from_secs(5);
-        let waited = tokio::time::timeout(bound, async {
-            while proxy.logins_redirected() {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-        .await;
-        if waited.is_ok() {
+        let mut open = proxy.gate().subscribe();
+        let opened = matches!(tokio::time::timeout(bound, open.wait_for(|open| *open)).await, Ok(Ok(_)));
+        if opened {
             target = proxy.login_backend();
             conn = target.connect(&login.startup.params, &login.creds).await;
         }
@@ -429,7 +426,11 @@ impl Session {
         // must be read-write now, and the channels are listened on; else a fresh
         // connection, opened after the promotion, takes its place.
         if let Some(channels) = later {
-            if let Err(e) = self.after_promotion(&mut new, &channels).await {
+            let checked = match tokio::time::timeout(COPY_TIMEOUT, self.after_promotion(&mut new, &channels)).await {
+                Ok(checked) => checked,
+                Err(_) => Err(migrate::MigrateError::Stalled(COPY_TIMEOUT)),
+            };
+            if let Err(e) = checked {
                 tracing::warn!(session = id, error = %e, "the connection opened before the promotion is not usable; opening another");
                 tokio::spawn(terminate_backend(new.stream, new.port));
                 new = self.connect_to(&active).await?;
