@@ -24,18 +24,50 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    // In a fleet, etcd knows the active backend, and decided any cutover this
+    // instance led and left unfinished.
+    let fleet = match &config.fleet {
+        Some(f) => Some(crate::fleet::Fleet::connect(f).await.context("[fleet]: cannot join")?),
+        None => None,
+    };
     // A cutover this proxy left unfinished (killed mid-cutover) is finished before
     // anything is served: its fence undone, or its repoint completed.
     if let Some(journal) = crate::cutover::journal_path(&config, Some(path.to_owned())) {
-        if let Some(active) = crate::cutover::recover(&config, &journal).await? {
+        if let Some(active) = crate::cutover::recover(&config, &journal, fleet.as_ref()).await? {
             if let Some(state) = crate::state::path(&config, Some(path)) {
                 crate::state::save(&state, &active).with_context(|| format!("cannot record the active backend in {}", state.display()))?;
             }
             config.cutover.active = active;
         }
     }
+    if let Some(fleet) = &fleet {
+        let bound = config.cutover.max_pause + fleet.config.lease_ttl * 2;
+        match fleet.settled_active(bound).await? {
+            Some(active) if config.backends.contains_key(&active) => {
+                if active != config.cutover.active {
+                    tracing::info!(%active, "active backend from the fleet");
+                    if let Some(state) = crate::state::path(&config, Some(path)) {
+                        crate::state::save(&state, &active).with_context(|| format!("cannot record the active backend in {}", state.display()))?;
+                    }
+                }
+                config.cutover.active = active;
+            }
+            Some(active) => anyhow::bail!("the fleet serves on backend {active:?}, which this configuration does not have"),
+            // The first instance of a fleet says where it serves.
+            None => {
+                let active = fleet.init_active(&config.cutover.active).await?;
+                if !config.backends.contains_key(&active) {
+                    anyhow::bail!("the fleet serves on backend {active:?}, which this configuration does not have");
+                }
+                config.cutover.active = active;
+            }
+        }
+    }
     let mut handle = crate::server::start(config).await?;
     handle.proxy.set_config_path(path);
+    if let Some(fleet) = fleet {
+        fleet.join(&handle.proxy).await?;
+    }
     handle.proxy.cutover.set_hook(crate::cutover::hooks::from_env());
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -61,6 +93,9 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
     }
     handle.stop_accepting().await;
     handle.proxy.shutdown(handle.proxy.config().proxy.shutdown_grace).await;
+    if let Some(fleet) = handle.proxy.fleet() {
+        fleet.leave().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -30,6 +30,48 @@ pub struct Config {
     pub auth: AuthConfig,
     pub backends: BTreeMap<String, BackendConfig>,
     pub cutover: CutoverConfig,
+    /// Several instances that cut over together, coordinated through etcd.
+    pub fleet: Option<FleetConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// etcd's client endpoints, e.g. `["http://127.0.0.1:2379"]`.
+    pub etcd: Vec<String>,
+    /// This instance's name in the fleet, unique (default: the host name).
+    pub name: Option<String>,
+    /// Where the fleet's keys live in etcd.
+    #[serde(default = "default_fleet_prefix")]
+    pub prefix: String,
+    /// How long an instance that stops answering stays a member (and how long a
+    /// dead leader holds the cutover lock).
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Where the other members reach this one (cancel requests are forwarded to
+    /// the instance that owns the key); default: `[proxy] listen`.
+    pub advertise: Option<SocketAddr>,
+    pub etcd_user: Option<String>,
+    pub etcd_password: Option<String>,
+    /// PEM file of the CA that signed etcd's certificate (for `https://` endpoints).
+    pub etcd_ca: Option<PathBuf>,
+}
+
+impl FleetConfig {
+    /// This instance's name: `name`, or the host name.
+    pub fn member_name(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most buf.len() bytes into buf.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        match (rc, std::str::from_utf8(&buf[..end])) {
+            (0, Ok(h)) if !h.is_empty() => h.to_string(),
+            _ => "pgcutover".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +260,12 @@ fn default_admin_user() -> String {
 fn default_max_lag() -> u64 {
     16 * 1024 * 1024
 }
+fn default_fleet_prefix() -> String {
+    "/pgcutover".into()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_true() -> bool {
     true
 }
@@ -269,6 +317,24 @@ impl Config {
         }
         if self.proxy.max_client_connections == 0 {
             return invalid("max_client_connections must be at least 1".into());
+        }
+        if let Some(f) = &self.fleet {
+            if f.etcd.is_empty() {
+                return invalid("[fleet] etcd needs at least one endpoint".into());
+            }
+            let name = f.member_name();
+            if name.is_empty() || name.starts_with('.') || name.contains(['/', ' ']) {
+                return invalid(format!("[fleet] name {name:?}: use letters, digits, '-', '_' or '.', not starting with '.'"));
+            }
+            if !f.prefix.starts_with('/') || f.prefix.ends_with('/') {
+                return invalid(format!("[fleet] prefix {:?} must start with '/' and not end with one", f.prefix));
+            }
+            if f.lease_ttl < Duration::from_secs(1) {
+                return invalid("[fleet] lease_ttl must be at least 1s (etcd counts leases in seconds)".into());
+            }
+            if f.etcd_user.is_some() != f.etcd_password.is_some() {
+                return invalid("[fleet] etcd_user and etcd_password go together".into());
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for user in &self.auth.users {

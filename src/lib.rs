@@ -9,6 +9,8 @@ pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod demo;
+pub mod etcd_server;
+pub mod fleet;
 pub mod gate;
 pub mod loadtest;
 pub mod metrics;

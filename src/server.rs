@@ -48,6 +48,8 @@ pub struct Proxy {
     logins: ArcSwapOption<BackendTarget>,
     /// The cutover controller: its lock, its state, its last report.
     pub cutover: crate::cutover::Controller,
+    /// This instance's seat in a fleet (`[fleet]`), once it has joined.
+    fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
 }
 
 fn build_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<BackendTarget>>> {
@@ -92,6 +94,7 @@ impl Proxy {
             shutting_down: AtomicBool::new(false),
             logins: ArcSwapOption::empty(),
             cutover: crate::cutover::Controller::default(),
+            fleet: std::sync::OnceLock::new(),
         })
     }
 
@@ -149,6 +152,14 @@ impl Proxy {
     pub(crate) fn set_active(&self, target: Arc<BackendTarget>) {
         self.active.store(target);
         self.gate.reroute();
+    }
+
+    pub fn fleet(&self) -> Option<Arc<crate::fleet::Fleet>> {
+        self.fleet.get().cloned()
+    }
+
+    pub(crate) fn set_fleet(&self, fleet: Arc<crate::fleet::Fleet>) {
+        let _ = self.fleet.set(fleet);
     }
 
     pub fn uptime(&self) -> Duration {
@@ -240,11 +251,29 @@ impl Proxy {
 
     /// Forwards a client's CancelRequest to wherever its session runs now. A key
     /// that matches no session cancels nothing, silently, as in PostgreSQL.
+    ///
+    /// In a fleet, a load balancer may bring the request to another instance than
+    /// the session's: a key minted by another member (its tag is in the pid's top
+    /// bits) is passed on to that member, once; it checks the key as its own.
     pub async fn cancel(&self, key: CancelKey) {
-        match self.sessions.lookup_cancel(key) {
-            Some(link) => link.target.cancel(link.key).await,
-            None => tracing::info!(pid = key.pid, "cancel request with an unknown key ignored"),
+        if let Some(link) = self.sessions.lookup_cancel(key) {
+            return link.target.cancel(link.key).await;
         }
+        if let Some(owner) = self.fleet().and_then(|f| f.owner_of(key.pid)) {
+            tracing::info!(pid = key.pid, %owner, "cancel request for a session of another member: passed on");
+            let bytes = crate::protocol::startup::encode_cancel(key);
+            let send = async {
+                use tokio::io::AsyncWriteExt;
+                let mut s = tokio::net::TcpStream::connect(&owner).await?;
+                s.write_all(&bytes).await?;
+                s.shutdown().await
+            };
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(2), send).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
+                tracing::warn!(%owner, error = %e, "could not pass a cancel request on to its member");
+            }
+            return;
+        }
+        tracing::info!(pid = key.pid, "cancel request with an unknown key ignored");
     }
 }
 

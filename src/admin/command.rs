@@ -1,7 +1,7 @@
 //! The admin console's grammar: a tokenizer and a parser, not whitespace splitting.
 //!
 //! ```text
-//! SHOW { STATUS | SESSIONS | BACKENDS | STATS | CUTOVER }
+//! SHOW { STATUS | SESSIONS | BACKENDS | STATS | CUTOVER | FLEET }
 //! PAUSE [ duration ]        duration: 500ms, 2s, '1.5s', 250 (milliseconds)
 //! RESUME | RELOAD
 //! CUTOVER [ target ] [ FORCE ] [ REHEARSE ]
@@ -29,6 +29,7 @@ pub enum Show {
     Backends,
     Stats,
     Cutover,
+    Fleet,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +133,7 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
     };
     match verb.as_str() {
         "SHOW" => {
-            let what = rest.first().and_then(keyword).ok_or_else(|| ParseError("SHOW what? STATUS, SESSIONS, BACKENDS, STATS or CUTOVER".into()))?;
+            let what = rest.first().and_then(keyword).ok_or_else(|| ParseError("SHOW what? STATUS, SESSIONS, BACKENDS, STATS, CUTOVER or FLEET".into()))?;
             no_more(1)?;
             let show = match what.as_str() {
                 "STATUS" => Show::Status,
@@ -140,7 +141,8 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
                 "BACKENDS" | "SERVERS" => Show::Backends,
                 "STATS" => Show::Stats,
                 "CUTOVER" => Show::Cutover,
-                other => return err(format!("unknown SHOW {other}: try STATUS, SESSIONS, BACKENDS, STATS or CUTOVER")),
+                "FLEET" => Show::Fleet,
+                other => return err(format!("unknown SHOW {other}: try STATUS, SESSIONS, BACKENDS, STATS, CUTOVER or FLEET")),
             };
             Ok(Command::Show(show))
         }

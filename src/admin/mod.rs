@@ -4,6 +4,7 @@
 //! or an ERROR, and the console session goes on either way.
 
 mod backends;
+mod fleet;
 pub mod command;
 mod pause;
 mod reload;
@@ -100,6 +101,7 @@ pub async fn execute(proxy: &Arc<Proxy>, sql: &str) -> Result<ResultSet, PgError
         Command::Show(Show::Sessions) => Ok(sessions::show(proxy)),
         Command::Show(Show::Backends) => Ok(backends::show(proxy)),
         Command::Show(Show::Stats) => Ok(stats::show(proxy)),
+        Command::Show(Show::Fleet) => Ok(fleet::show(proxy)),
         Command::Pause(timeout) => pause::pause(proxy, timeout).await,
         Command::Resume => pause::resume(proxy),
         Command::Reload => reload::reload(proxy).await,
@@ -108,7 +110,7 @@ pub async fn execute(proxy: &Arc<Proxy>, sql: &str) -> Result<ResultSet, PgError
             None => ResultSet::key_values(Vec::<(String, String)>::new()),
         }),
         Command::Cutover { target, force, rehearse } => {
-            let report = crate::cutover::run(proxy, crate::cutover::Options { to: target, force, rehearse }).await;
+            let report = crate::cutover::run(proxy, crate::cutover::Options { to: target, force, rehearse, follow: None }).await;
             Ok(ResultSet::key_values(report.pairs()).tag("CUTOVER"))
         }
         Command::Check { target, force } => {

@@ -27,6 +27,8 @@ pub enum Phase {
     ReverseSlot,
     ReverseSubscription,
     Promote,
+    /// A fleet: waiting for the other members, and the leader's decision.
+    Fleet,
     /// A rehearsal's (or a failure's) way back.
     Rollback,
 }
@@ -50,6 +52,7 @@ impl Phase {
             Phase::ReverseSlot => "reverse_slot",
             Phase::ReverseSubscription => "reverse_subscription",
             Phase::Promote => "promote",
+            Phase::Fleet => "fleet",
         }
     }
 }
@@ -85,6 +88,10 @@ pub enum CutoverError {
     Shutdown,
     #[error("the journal of side effects cannot be written: {0}")]
     Journal(String),
+    /// The fleet could not go on (a member failed or died, etcd is unreachable)
+    /// or decided to abort.
+    #[error("fleet: {0}")]
+    Fleet(String),
     #[error("a fault injected by a test hook at {0}")]
     Injected(&'static str),
 }
@@ -104,6 +111,7 @@ impl CutoverError {
             CutoverError::MaxPause(_) => "max_pause",
             CutoverError::Shutdown => "shutdown",
             CutoverError::Journal(_) => "journal",
+            CutoverError::Fleet(_) => "fleet",
             CutoverError::Injected(_) => "injected",
         }
     }

@@ -110,6 +110,9 @@ pub struct Plan<'a> {
     pub roles: &'a [String],
     /// Backends of the proxy's own sessions: never terminated.
     pub keep_pids: &'a [i32],
+    /// Local ports of other fleet members' backend connections (logging in or
+    /// out): theirs, never terminated.
+    pub also_ours: &'a [i32],
     pub admin_user: &'a str,
     /// How long the reload may take to apply.
     pub reload_bound: Duration,
@@ -138,11 +141,11 @@ pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: 
     let previous: Option<String> = row.get(1);
     let roles: Vec<String> = row.get(2);
     // postgresql.auto.conf first; it takes effect with the reload below.
-    journal.record(Entry::ReadOnly { database: plan.database.into(), previous }).map_err(|e| CutoverError::Journal(e.to_string()))?;
+    journal.record(Entry::ReadOnly { database: plan.database.into(), previous }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
     src.batch_execute("ALTER SYSTEM SET default_transaction_read_only = on").await?;
     hooks.at("fence.read_only").await?;
     if !roles.is_empty() {
-        journal.record(Entry::NoLogin { database: plan.database.into(), roles: roles.clone() }).map_err(|e| CutoverError::Journal(e.to_string()))?;
+        journal.record(Entry::NoLogin { database: plan.database.into(), roles: roles.clone() }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
         alter_roles(src, &roles, "NOLOGIN").await?;
     }
     hooks.at("fence.no_login").await?;
@@ -159,7 +162,8 @@ pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: 
             &[&roles, &plan.keep_pids],
         )
         .await?;
-    let ours = crate::backend::ports::ours_since(started);
+    let mut ours = crate::backend::ports::ours_since(started);
+    ours.extend_from_slice(plan.also_ours);
     let strangers: Vec<i32> = rows.iter().filter(|r| !ours.contains(&r.get::<_, i32>(1))).map(|r| r.get(0)).collect();
     if !strangers.is_empty() {
         src.query_one("SELECT count(pg_terminate_backend(p)) FROM unnest($1::int4[]) p", &[&strangers]).await?;
@@ -186,13 +190,13 @@ pub async fn open_target(dst: &Client, database: &str, roles: &[String], admin_u
         .await?;
     let locked: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     if !locked.is_empty() {
-        journal.record(Entry::TargetLogin { database: database.into(), roles: locked.clone() }).map_err(|e| CutoverError::Journal(e.to_string()))?;
+        journal.record(Entry::TargetLogin { database: database.into(), roles: locked.clone() }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
         alter_roles(dst, &locked, "LOGIN").await?;
         done.push(format!("LOGIN given back to {}", locked.join(", ")));
     }
     let previous = auto_conf_value(dst).await?;
     if let Some(previous) = previous.filter(|v| ["on", "true", "yes", "1"].contains(&v.to_ascii_lowercase().as_str())) {
-        journal.record(Entry::TargetWritable { database: database.into(), previous }).map_err(|e| CutoverError::Journal(e.to_string()))?;
+        journal.record(Entry::TargetWritable { database: database.into(), previous }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
         let before = load_time(dst).await?;
         // ALTER SYSTEM refuses to run in a (multi-statement) transaction block.
         dst.batch_execute("ALTER SYSTEM RESET default_transaction_read_only").await?;

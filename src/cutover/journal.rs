@@ -51,6 +51,9 @@ pub enum Entry {
     /// after it the target becomes the primary, and `roles` (whose NOLOGIN the
     /// fence wrote on the source and replication carried there) get LOGIN back on it.
     Promote { target: String, roles: Vec<String> },
+    /// This cutover leads a fleet: its decision is `cutovers/<id>/.decision` in
+    /// etcd, and a restart reads it there (forward if it says commit, back if not).
+    Fleet { id: String },
     /// The cutover ended, committed or rolled back, with nothing left to do.
     Finished { outcome: String },
 }
@@ -65,7 +68,7 @@ impl Entry {
             | Entry::TargetLogin { database, .. }
             | Entry::ReversePublication { database, .. }
             | Entry::ReverseSlot { database, .. } => Some(database),
-            Entry::Begin { .. } | Entry::Repoint { .. } | Entry::Promote { .. } | Entry::Finished { .. } => None,
+            Entry::Begin { .. } | Entry::Repoint { .. } | Entry::Promote { .. } | Entry::Fleet { .. } | Entry::Finished { .. } => None,
         }
     }
 }
@@ -77,9 +80,14 @@ pub fn path_for(state_file: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// A second copy of the journal somewhere others can read it (a fleet's leader
+/// keeps one in etcd, so that a surviving member can undo its fence).
+pub type Mirror = Box<dyn Fn(Vec<Entry>) -> futures::future::BoxFuture<'static, anyhow::Result<()>> + Send + Sync>;
+
 pub struct Journal {
     file: Option<(PathBuf, File)>,
     entries: Vec<Entry>,
+    mirror: Option<Mirror>,
 }
 
 impl Journal {
@@ -100,20 +108,36 @@ impl Journal {
             }
             None => None,
         };
-        let mut journal = Journal { file, entries: Vec::new() };
-        journal.record(begin)?;
+        let mut journal = Journal { file, entries: Vec::new(), mirror: None };
+        journal.write(begin)?;
         Ok(journal)
     }
 
     /// A journal that records nothing more (what is left of one that was finished
     /// or handed over).
     pub fn detached() -> Journal {
-        Journal { file: None, entries: Vec::new() }
+        Journal { file: None, entries: Vec::new(), mirror: None }
     }
 
-    /// Writes `entry` durably; the side effect it announces may be made after this
-    /// returns, not before.
-    pub fn record(&mut self, entry: Entry) -> std::io::Result<()> {
+    /// From now on every entry is also written to `mirror` before `record`
+    /// returns; what is recorded so far is written there now.
+    pub async fn mirror_to(&mut self, mirror: Mirror) -> std::io::Result<()> {
+        mirror(self.entries.clone()).await.map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        self.mirror = Some(mirror);
+        Ok(())
+    }
+
+    /// Writes `entry` durably (and to the mirror, if there is one); the side
+    /// effect it announces may be made after this returns, not before.
+    pub async fn record(&mut self, entry: Entry) -> std::io::Result<()> {
+        self.write(entry)?;
+        if let Some(mirror) = &self.mirror {
+            mirror(self.entries.clone()).await.map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, entry: Entry) -> std::io::Result<()> {
         if let Some((_, file)) = &mut self.file {
             let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
             line.push(b'\n');
@@ -130,7 +154,7 @@ impl Journal {
 
     /// The cutover is over and nothing is left to undo: the journal goes.
     pub fn finish(mut self, outcome: &str) -> std::io::Result<()> {
-        self.record(Entry::Finished { outcome: outcome.into() })?;
+        self.write(Entry::Finished { outcome: outcome.into() })?;
         if let Some((path, _)) = self.file.take() {
             std::fs::remove_file(path)?;
         }
@@ -178,7 +202,7 @@ mod tests {
         let path = dir.path().join("p.state.journal");
         let begin = Entry::Begin { id: "1".into(), source: "blue".into(), target: "green".into(), application_name: "x".into() };
         let mut j = Journal::create(Some(path.clone()), begin.clone()).unwrap();
-        j.record(Entry::ReadOnly { database: "postgres".into(), previous: None }).unwrap();
+        j.write(Entry::ReadOnly { database: "postgres".into(), previous: None }).unwrap();
         // A torn line after a crash.
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"no_login\":{\"datab").unwrap();
         let left = unfinished(&path).unwrap().unwrap();

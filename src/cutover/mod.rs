@@ -23,6 +23,7 @@ mod catchup;
 mod control;
 mod error;
 mod fence;
+mod fleet;
 pub mod hooks;
 pub mod journal;
 mod physical;
@@ -128,10 +129,20 @@ pub struct Options {
     pub force: bool,
     /// Run every phase up to the point of no return, then roll back on purpose.
     pub rehearse: bool,
+    /// This instance's part in a fleet cutover another member leads.
+    pub follow: Option<crate::fleet::Plan>,
+}
+
+/// This instance's part in a fleet cutover that another member leads (started by
+/// the fleet's watch when the leader publishes its plan).
+pub async fn follow(proxy: &Arc<Proxy>, plan: crate::fleet::Plan) -> CutoverReport {
+    let rehearse = plan.rehearse;
+    run(proxy, Options { to: Some(plan.target.clone()), force: true, rehearse, follow: Some(plan) }).await
 }
 
 /// Runs one cutover as a task of its own and waits for its report. Dropping the
 /// returned future does not stop the cutover: it still ends in commit or rollback.
+/// In a fleet, the instance asked leads a cutover of every member.
 pub async fn run(proxy: &Arc<Proxy>, opts: Options) -> CutoverReport {
     let proxy2 = proxy.clone();
     let task = tokio::spawn(async move { supervise(&proxy2, opts).await });
@@ -174,13 +185,37 @@ async fn supervise(proxy: &Arc<Proxy>, opts: Options) -> CutoverReport {
     if target.name == source.name {
         return refuse(report, Failure { phase: Phase::Start, error: CutoverError::AlreadyActive(to) });
     }
-    let id = format!("{seq}-{:08x}", rand::random::<u32>());
+    let (id, fleet) = match (proxy.fleet(), opts.follow) {
+        (None, _) => (format!("{seq}-{:08x}", rand::random::<u32>()), None),
+        (Some(fleet), Some(plan)) => {
+            if plan.source != source.name {
+                let mut run = fleet::FleetRun::follow(fleet, plan.clone());
+                run.mine.reason = Some(format!("this member serves on {}, not on {}", source.name, plan.source));
+                let _ = run.fleet.report(&plan.id, &crate::fleet::Report { progress: Some(crate::fleet::Progress::Failed), ..run.mine.clone() }).await;
+                return refuse(report, Failure { phase: Phase::Start, error: CutoverError::Fleet(run.mine.reason.unwrap_or_default()) });
+            }
+            (plan.id.clone(), Some(fleet::FleetRun::follow(fleet, plan)))
+        }
+        (Some(fleet), None) => {
+            let id = format!("{}-{seq}-{:08x}", fleet.name, rand::random::<u32>());
+            match fleet.lock(&id).await {
+                Ok(lock) => (id.clone(), Some(fleet::FleetRun::lead(fleet, lock, &id, &source.name, &target.name, opts.rehearse))),
+                Err(reason) => return refuse(report, Failure { phase: Phase::Start, error: CutoverError::Fleet(reason) }),
+            }
+        }
+    };
     let application_name = control::application_name(&id);
-    let journal_path = journal_path(&config, proxy.config_path());
-    let begin = Entry::Begin { id: id.clone(), source: source.name.clone(), target: target.name.clone(), application_name: application_name.clone() };
-    let journal = match Journal::create(journal_path, begin) {
-        Ok(j) => j,
-        Err(e) => return refuse(report, Failure { phase: Phase::Start, error: CutoverError::Journal(e.to_string()) }),
+    let following = fleet.as_ref().is_some_and(|f| !f.leader);
+    // A member makes no change to any database: it has nothing to journal.
+    let journal = if following {
+        Journal::detached()
+    } else {
+        let journal_path = journal_path(&config, proxy.config_path());
+        let begin = Entry::Begin { id: id.clone(), source: source.name.clone(), target: target.name.clone(), application_name: application_name.clone() };
+        match Journal::create(journal_path, begin) {
+            Ok(j) => j,
+            Err(e) => return refuse(report, Failure { phase: Phase::Start, error: CutoverError::Journal(e.to_string()) }),
+        }
     };
     report.id = seq;
     tracing::info!(id, from = %source.name, to = %target.name, "cutover starting");
@@ -201,6 +236,7 @@ async fn supervise(proxy: &Arc<Proxy>, opts: Options) -> CutoverReport {
         phase: Phase::Start,
         rehearse: opts.rehearse,
         physical: false,
+        fleet,
     };
     let report = run.execute(opts.force).await;
     proxy.cutover.running.store(false, Ordering::SeqCst);
@@ -249,6 +285,8 @@ struct Run {
     rehearse: bool,
     /// The target is a physical standby of the source: a switchover.
     physical: bool,
+    /// A fleet cutover: this instance leads it or takes part.
+    fleet: Option<fleet::FleetRun>,
 }
 
 impl Run {
@@ -295,19 +333,47 @@ impl Run {
                 _ = &mut stop => Err(CutoverError::Shutdown),
             }
         };
-        match outcome {
+        let outcome = match outcome {
+            // In a fleet, one decision stands, whoever wrote it.
+            Err(error) if self.fleet.is_some() && self.fleet_settle(&error).await => {
+                tracing::warn!(error = %error, "fleet: this member failed after the fleet decided to commit: committing");
+                Ok(())
+            }
+            other => other,
+        };
+        let mut report = match outcome {
             Ok(()) => {
                 self.commit().await;
+                self.fleet_finish().await;
                 std::mem::replace(&mut self.report, CutoverReport::new(0, "", ""))
             }
-            Err(error) => self.rollback(Failure { phase: self.phase, error }).await,
+            Err(error) => {
+                let phase = self.phase;
+                self.rollback(Failure { phase, error }).await
+            }
+        };
+        if self.fleet.is_some() && report.fleet.is_none() && !report.committed() {
+            std::mem::swap(&mut self.report, &mut report);
+            self.fleet_finish().await;
+            std::mem::swap(&mut self.report, &mut report);
         }
+        report
     }
 
     /// Preflight and prewarm: nothing is paused yet.
     async fn before_pause(&mut self, force: bool) -> Result<(), CutoverError> {
+        if self.fleet.as_ref().is_some_and(|f| !f.leader) {
+            // A member: the leader checked and changes the databases.
+            self.fleet_joined().await?;
+            self.prewarm().await?;
+            self.phase = Phase::Fleet;
+            return self.fleet_prepared().await;
+        }
+        // A fleet's members join first: the preflight spares their backends.
+        self.phase = Phase::Fleet;
+        let members = self.fleet_plan().await?;
         self.phase = Phase::Preflight;
-        self.preflight(force).await?;
+        self.preflight(force, members).await?;
         self.hooks.at("preflight").await?;
 
         // A target an earlier cutover fenced (the way back) takes logins and
@@ -325,17 +391,7 @@ impl Run {
             self.record(Phase::OpenTarget, t);
         }
 
-        // Prewarm: a logged-in target connection per session, the session's state
-        // copied onto it, before anything pauses.
-        self.phase = Phase::Prewarm;
-        let t = Instant::now();
-        self.sessions = self.on_source();
-        let prewarm = sessions::prewarm(&self.sessions, &self.target, PREPARE_TIMEOUT).await;
-        self.report.sessions_prepared = prewarm.copied;
-        self.record(Phase::Prewarm, t);
-        if !prewarm.failures.is_empty() {
-            return Err(CutoverError::Refused(prewarm.failures.join("; ")));
-        }
+        self.prewarm().await?;
         if self.config.cutover.reverse_replication && !self.physical {
             self.phase = Phase::ReversePublication;
             let t = Instant::now();
@@ -346,7 +402,24 @@ impl Run {
             }
             self.record(Phase::ReversePublication, t);
         }
-        self.hooks.at("prewarm").await
+        self.hooks.at("prewarm").await?;
+        self.phase = Phase::Fleet;
+        self.fleet_prepared().await
+    }
+
+    /// Prewarm: a logged-in target connection per session, the session's state
+    /// copied onto it, before anything pauses.
+    async fn prewarm(&mut self) -> Result<(), CutoverError> {
+        self.phase = Phase::Prewarm;
+        let t = Instant::now();
+        self.sessions = self.on_source();
+        let prewarm = sessions::prewarm(&self.sessions, &self.target, PREPARE_TIMEOUT).await;
+        self.report.sessions_prepared = prewarm.copied;
+        self.record(Phase::Prewarm, t);
+        if !prewarm.failures.is_empty() {
+            return Err(CutoverError::Refused(prewarm.failures.join("; ")));
+        }
+        Ok(())
     }
 
     /// From the pause to the point of no return, bounded by max_pause.
@@ -360,14 +433,24 @@ impl Run {
         // The gate closes before the fence begins: a pause that is not the
         // cutover's own (an operator's) refuses it with nothing done.
         let closed = crate::gate::close(&proxy, watchdog, Owner::Cutover)?;
+        let closed_at = crate::fleet::now_us();
         self.paused = true;
         self.proxy.set_logins(Some(self.target.clone()));
+        self.fleet_closed(closed_at).await?;
         let drain = crate::gate::drain(&proxy, closed, Some(cut.drain_timeout), cut.on_drain_timeout);
+        if self.fleet.as_ref().is_some_and(|f| !f.leader) {
+            // A member: drains, then waits for the leader's decision.
+            let drained = drain.await?;
+            self.report.sessions_cancelled = drained.cancelled.len();
+            self.report.phases.push(report::Phase { name: Phase::Drain.as_str(), ms: ms(drained.drain) });
+            self.phase = Phase::Fleet;
+            return self.fleet_drained(drained.drain, drained.cancelled.len(), cut.max_pause).await;
+        }
         // The fence runs while the drain does: a transaction already running keeps
         // its read-write state until it ends (see fence.rs).
         let roles = self.roles();
         let keep: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
-        let (journal, hooks, db) = (&mut self.journal, &self.hooks, &self.databases[0]);
+        let (journal, hooks, db, fleet) = (&mut self.journal, &self.hooks, &self.databases[0], &self.fleet);
         let admin_user = &self.source.config.admin_user;
         let fence = async {
             let started = Instant::now();
@@ -375,11 +458,16 @@ impl Run {
             if !cut.fence_source {
                 return Ok((None, started.elapsed()));
             }
-            let plan = fence::Plan { database: &db.name, roles: &roles, keep_pids: &keep, admin_user, reload_bound: cut.max_pause };
+            // In a fleet, every member's gate is closed before the fence, and the
+            // fence spares every member's backends.
+            let others = Run::fleet_all_closed(fleet, cut.drain_timeout + Duration::from_secs(5)).await?;
+            let keep: Vec<i32> = keep.iter().chain(&others.pids).copied().collect();
+            let plan = fence::Plan { database: &db.name, roles: &roles, keep_pids: &keep, also_ours: &others.ports, admin_user, reload_bound: cut.max_pause };
             fence::fence(&db.src, &plan, journal, hooks).await.map(|f| (Some(f), started.elapsed()))
         };
         let (drained, fenced) = tokio::join!(drain, fence);
         let drained = drained?;
+        let drain_took = drained.drain;
         self.report.sessions_cancelled = drained.cancelled.len();
         self.report.phases.push(report::Phase { name: Phase::Drain.as_str(), ms: ms(drained.drain) });
         self.phase = Phase::Fence;
@@ -389,6 +477,9 @@ impl Run {
             self.report.phases.push(report::Phase { name: Phase::Fence.as_str(), ms: ms(took) });
         }
         self.hooks.at("drain").await?;
+        // The leader goes on once every member has drained.
+        self.phase = Phase::Fleet;
+        self.fleet_drained(drain_took, self.report.sessions_cancelled, cut.drain_timeout + Duration::from_secs(5)).await?;
         if self.physical {
             return self.switchover_steps().await;
         }
@@ -450,13 +541,18 @@ impl Run {
         // forward at the next start.
         let subscriptions = self.databases.iter().flat_map(|db| db.subscriptions.iter().map(|s| (db.name.clone(), s.name.clone()))).collect();
         let reverse = self.databases.iter().filter_map(|db| db.reverse.as_ref().map(|(r, _)| r.clone())).collect();
-        self.journal.record(Entry::Repoint { target: self.target.name.clone(), subscriptions, reverse }).map_err(|e| CutoverError::Journal(e.to_string()))
+        self.journal.record(Entry::Repoint { target: self.target.name.clone(), subscriptions, reverse }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
+        // A fleet's point of no return is its decision in etcd: a crash before it
+        // is read back as an abort at the next start, a crash after as a commit.
+        self.phase = Phase::Fleet;
+        self.fleet_decide().await
     }
 
-    async fn preflight(&mut self, force: bool) -> Result<(), CutoverError> {
+    async fn preflight(&mut self, force: bool, members: fleet::Others) -> Result<(), CutoverError> {
         let cut = &self.config.cutover;
         let t = Instant::now();
         let mut names: BTreeSet<String> = cut.databases.iter().cloned().collect();
+        names.extend(members.databases);
         names.extend(self.proxy.sessions.list().iter().map(|s| s.database.clone()));
         if names.is_empty() {
             return Err(CutoverError::Refused("no database to cut over: no session is open and [cutover] databases is empty".into()));
@@ -470,7 +566,9 @@ impl Run {
         }
         let our_pids: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
         let mut problems = Vec::new();
-        let settings = preflight::Settings::of(&self.config, &self.source.config.admin_user);
+        let mut settings = preflight::Settings::of(&self.config, &self.source.config.admin_user);
+        settings.members_pids = members.pids;
+        settings.members_ports = members.ports;
         self.physical = physical::physical_mode(&self.source.name, &self.target.name, &self.target.config, &self.databases[0].dst).await?;
         if self.physical {
             self.report.kind = "physical";
@@ -646,6 +744,8 @@ impl Run {
                 });
             }
         }
+        // A fleet's members resume once the source is writable again.
+        self.fleet_unfenced(clean).await;
         self.resume();
         sessions::discard(&self.sessions);
         let mut report = std::mem::replace(&mut self.report, CutoverReport::new(0, "", ""));

@@ -261,7 +261,7 @@ impl Run {
         self.phase = Phase::Repoint;
         self.hooks.at("repoint").await?;
         let roles = self.report.fenced_roles.clone();
-        self.journal.record(Entry::Promote { target: self.target.name.clone(), roles }).map_err(|e| CutoverError::Journal(e.to_string()))
+        self.journal.record(Entry::Promote { target: self.target.name.clone(), roles }).await.map_err(|e| CutoverError::Journal(e.to_string()))
     }
 
     /// Past the point of no return of a switchover: promotes the target and gives

@@ -48,6 +48,10 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub max_lag: u64,
     pub other_subscriptions: Vec<String>,
+    /// Other fleet members' backends on the source: pids, and local ports of
+    /// connections logging in or out. Theirs are no bypass.
+    pub members_pids: Vec<i32>,
+    pub members_ports: Vec<i32>,
 }
 
 impl Settings {
@@ -57,6 +61,8 @@ impl Settings {
             drain_timeout: config.cutover.drain_timeout,
             max_lag: config.cutover.max_lag_bytes,
             other_subscriptions: config.cutover.other_subscriptions.clone(),
+            members_pids: Vec::new(),
+            members_ports: Vec::new(),
         }
     }
 }
@@ -75,6 +81,7 @@ pub async fn check_common(db: &str, src: &Client, dst: &Client, our_pids: &[i32]
         ));
     }
     let since = std::time::Instant::now();
+    let our_pids: Vec<i32> = our_pids.iter().chain(&settings.members_pids).copied().collect();
     let rows = src
         .query(
             "SELECT coalesce(client_port, -1), usename::text || ' from ' || coalesce(client_addr::text, 'local') || ' (pid ' || pid || ')' FROM pg_stat_activity \
@@ -83,7 +90,8 @@ pub async fn check_common(db: &str, src: &Client, dst: &Client, our_pids: &[i32]
         )
         .await?;
     // The proxy's own connections, logging in or out included (see backend::ports).
-    let ours = crate::backend::ports::ours_since(since);
+    let mut ours = crate::backend::ports::ours_since(since);
+    ours.extend(&settings.members_ports);
     let strangers: Vec<String> = rows.iter().filter(|r| !ours.contains(&r.get::<_, i32>(0))).map(|r| r.get(1)).collect();
     let strangers = (!strangers.is_empty()).then(|| strangers.join(", "));
     checks.push(Check::new(format!("{db}: no sessions on the source bypassing the proxy"), false, strangers));

@@ -75,7 +75,10 @@ async fn undo_side(backend: &BackendConfig, database: &str, side: Side, entries:
 /// or was killed mid-cutover), before anything is served: back to the source if
 /// the repoint was not recorded, forward to the target if it was. Returns the
 /// backend to serve on.
-pub async fn recover(config: &Config, path: &std::path::Path) -> anyhow::Result<Option<String>> {
+///
+/// A fleet leader's journal names its cutover: the decision in etcd says which way
+/// (no decision yet: this writes the abort, as a surviving member would).
+pub async fn recover(config: &Config, path: &std::path::Path, fleet: Option<&std::sync::Arc<crate::fleet::Fleet>>) -> anyhow::Result<Option<String>> {
     let Some(entries) = journal::unfinished(path)? else { return Ok(None) };
     let Some((source, target)) = entries.iter().find_map(|e| match e {
         Entry::Begin { source, target, .. } => Some((source.clone(), target.clone())),
@@ -100,10 +103,22 @@ pub async fn recover(config: &Config, path: &std::path::Path) -> anyhow::Result<
         journal::remove(path)?;
         return Ok(Some(target));
     }
-    let repointed = entries.iter().find_map(|e| match e {
+    let mut repointed = entries.iter().find_map(|e| match e {
         Entry::Repoint { subscriptions, reverse, .. } => Some((subscriptions.clone(), reverse.clone())),
         _ => None,
     });
+    let fleet_id = entries.iter().find_map(|e| match e {
+        Entry::Fleet { id } => Some(id.clone()),
+        _ => None,
+    });
+    if let Some(id) = &fleet_id {
+        let fleet = fleet.ok_or_else(|| anyhow::anyhow!("the journal {} is a fleet cutover's ({id}): only etcd knows its decision, and [fleet] is not configured", path.display()))?;
+        let decision = fleet.abort(id, &source, "the leader stopped before it decided").await.map_err(|e| anyhow::anyhow!("cannot read the decision of fleet cutover {id}: {e:#}; the journal {} stays", path.display()))?;
+        tracing::warn!(id, commit = decision.commit, by = %decision.by, "the fleet's decision on this instance's unfinished cutover");
+        if !decision.commit {
+            repointed = None;
+        }
+    }
     match repointed {
         Some((subscriptions, reversed)) => {
             tracing::warn!(journal = %path.display(), %target, "an unfinished cutover had passed its repoint: finishing it forward");
@@ -127,6 +142,9 @@ pub async fn recover(config: &Config, path: &std::path::Path) -> anyhow::Result<
             tracing::warn!(journal = %path.display(), %source, "an unfinished cutover had not reached its repoint: undoing its fence on the source");
             let b = config.backends.get(&source).ok_or_else(|| anyhow::anyhow!("the journal names backend {source:?}, which the configuration no longer has"))?;
             undo(b, config.backends.get(&target), &entries, UNDO_TIMEOUT).await.map_err(|e| anyhow::anyhow!("cannot undo the unfinished cutover's fence on {source}: {e}; the journal {} stays", path.display()))?;
+            if let (Some(id), Some(fleet)) = (&fleet_id, fleet) {
+                let _ = fleet.publish_undone(id).await;
+            }
             journal::remove(path)?;
             Ok(Some(source))
         }

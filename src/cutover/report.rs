@@ -84,6 +84,30 @@ pub struct CutoverReport {
     pub reverse_replication: Vec<String>,
     /// What the operator should know: what was not done and why, what to do next.
     pub notes: Vec<String>,
+    /// A fleet cutover: every member's part, and the fleet's pause.
+    pub fleet: Option<FleetReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetReport {
+    /// The instance that led (took the lock, fenced, caught up, decided).
+    pub leader: String,
+    /// First gate closed → last gate open, over every member (wall clocks).
+    pub pause_ms: f64,
+    pub decision: String,
+    pub members: Vec<MemberOutcome>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberOutcome {
+    pub name: String,
+    /// "committed", "rolled back", "rehearsed", "failed: …", or "no report".
+    pub outcome: String,
+    pub drain_ms: f64,
+    pub pause_ms: f64,
+    pub held_requests: u64,
+    pub longest_hold_ms: f64,
+    pub sessions_moved: usize,
 }
 
 pub fn ms(d: Duration) -> f64 {
@@ -120,6 +144,7 @@ impl CutoverReport {
             opened_target: Vec::new(),
             reverse_replication: Vec::new(),
             notes: Vec::new(),
+            fleet: None,
         }
     }
 
@@ -166,6 +191,20 @@ impl CutoverReport {
         }
         for (i, n) in self.notes.iter().enumerate() {
             v.push((format!("note_{}", i + 1), n.clone()));
+        }
+        if let Some(f) = &self.fleet {
+            v.push(("fleet_leader".into(), f.leader.clone()));
+            v.push(("fleet_decision".into(), f.decision.clone()));
+            v.push(("fleet_pause_ms".into(), format!("{:.3}", f.pause_ms)));
+            for m in &f.members {
+                v.push((
+                    format!("member_{}", m.name),
+                    format!(
+                        "{}: drain {:.3} ms, pause {:.3} ms, {} held (longest {:.3} ms), {} moved",
+                        m.outcome, m.drain_ms, m.pause_ms, m.held_requests, m.longest_hold_ms, m.sessions_moved
+                    ),
+                ));
+            }
         }
         for (i, p) in self.preflight.iter().enumerate() {
             v.push((format!("preflight_{}", i + 1), p.clone()));

@@ -110,7 +110,7 @@ fn journal_err(e: std::io::Error) -> CutoverError {
 
 /// Creates the publication on the target (before the pause).
 pub async fn publish(dst: &Client, r: &Reverse, tables: &[String], journal: &mut Journal) -> Result<(), CutoverError> {
-    journal.record(Entry::ReversePublication { database: r.database.clone(), name: r.name.clone() }).map_err(journal_err)?;
+    journal.record(Entry::ReversePublication { database: r.database.clone(), name: r.name.clone() }).await.map_err(journal_err)?;
     dst.batch_execute(&format!("SET default_transaction_read_only = off; CREATE PUBLICATION {} FOR TABLE {}", quote_ident(&r.name), tables.join(", "))).await?;
     Ok(())
 }
@@ -118,7 +118,7 @@ pub async fn publish(dst: &Client, r: &Reverse, tables: &[String], journal: &mut
 /// Creates the slot on the target at the switch point (inside the pause, after
 /// catch-up); returns its consistent point.
 pub async fn slot(dst: &Client, r: &Reverse, journal: &mut Journal) -> Result<String, CutoverError> {
-    journal.record(Entry::ReverseSlot { database: r.database.clone(), name: r.name.clone() }).map_err(journal_err)?;
+    journal.record(Entry::ReverseSlot { database: r.database.clone(), name: r.name.clone() }).await.map_err(journal_err)?;
     let row = dst.query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&r.name]).await?;
     Ok(row.get(0))
 }

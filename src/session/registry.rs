@@ -218,6 +218,9 @@ pub struct NewSession {
 #[derive(Default)]
 pub struct Registry {
     sessions: Mutex<HashMap<i32, Arc<SessionInfo>>>,
+    /// In a fleet, this instance's tag, the top bits of every pid it mints: a cancel
+    /// request that reaches another member is passed on to this one.
+    tag: std::sync::atomic::AtomicU16,
     next_id: AtomicU64,
     /// Counters of sessions that ended, so that totals never go down.
     pub ended: Totals,
@@ -241,6 +244,11 @@ impl Totals {
 }
 
 impl Registry {
+    /// Mints every later pid with `tag` (15 bits) in its top bits.
+    pub fn set_tag(&self, tag: u16) {
+        self.tag.store(tag & 0x7fff, Ordering::Relaxed);
+    }
+
     /// Sessions started since the proxy started.
     pub fn started(&self) -> u64 {
         self.next_id.load(Ordering::Relaxed)
@@ -258,8 +266,9 @@ impl Registry {
         let (control, control_rx) = mpsc::unbounded_channel();
         let mut rng = rand::thread_rng();
         let mut map = self.lock();
+        let tag = i32::from(self.tag.load(Ordering::Relaxed));
         let pid = loop {
-            let pid = rng.gen_range(1..i32::MAX);
+            let pid = if tag == 0 { rng.gen_range(1..i32::MAX) } else { (tag << 16) | rng.gen_range(1..=0xffff) };
             if !map.contains_key(&pid) {
                 break pid;
             }
