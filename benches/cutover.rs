@@ -10,6 +10,11 @@
 //! statement and a LISTEN (the pause must not grow with them); PgBouncer's switch
 //! runs with the largest count of idle clients.
 //!
+//! `--fleet 3` adds a fleet of three instances coordinated through a throwaway
+//! etcd, the same load spread over them, one fleet cutover; its pause (first gate
+//! closed to last gate open) and worst stall are printed beside one instance's
+//! cutover under the same load, in the same run (goal: at most 20 ms more).
+//!
 //! `--physical` adds a switchover to a streaming standby (the same load and idle
 //! sessions, a primary and its `pg_basebackup` copy) and prints its pause and worst
 //! stall beside the logical cutover's.
@@ -17,6 +22,7 @@
 //!   cargo bench --bench cutover
 //!   cargo bench --bench cutover -- --idle-sessions 16,1000
 //!   cargo bench --bench cutover -- --physical
+//!   cargo bench --bench cutover -- --fleet 3
 //!   BENCH_SECONDS=12 BENCH_CLIENTS=16 BENCH_MODE=simple cargo bench --bench cutover
 
 mod common;
@@ -90,8 +96,9 @@ async fn setup(pair: &Pair, db: &str) -> anyhow::Result<()> {
     anyhow::bail!("green did not catch up with the initial data")
 }
 
-/// Runs pgbench against `port` for `seconds`, calling `switch` after `at`.
-async fn load<F, Fut>(port: u16, db: &str, seconds: u64, at: Duration, switch: F) -> anyhow::Result<(Latencies, (f64, f64), String)>
+/// Runs pgbench against `ports` (the clients split among them) for `seconds`,
+/// calling `switch` after `at`.
+async fn load<F, Fut>(ports: &[u16], db: &str, seconds: u64, at: Duration, switch: F) -> anyhow::Result<(Latencies, (f64, f64), String)>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<String>>,
@@ -100,33 +107,41 @@ where
     let script = dir.path().join("load.sql");
     std::fs::write(&script, pgcutover::cluster::pgbench_script(100_000))?;
     let clients: u32 = env_or("BENCH_CLIENTS", 16);
+    let each = (clients / ports.len() as u32).max(1);
     let mode: String = env_or("BENCH_MODE", "simple".to_string());
-    let url = format!("host=127.0.0.1 port={port} user=app dbname={db}");
-    let run = tokio::process::Command::new(pgbench())
-        .args(["-n", "-M", &mode, "-c", &clients.to_string(), "-j", "2", "-T", &seconds.to_string(), "--failures-detailed", "-l", "--log-prefix"])
-        .arg(dir.path().join("tx"))
-        .arg("-f")
-        .arg(&script)
-        .arg(&url)
-        .env("PGPASSWORD", PASSWORD)
-        .output();
+    let runs = ports.iter().enumerate().map(|(i, port)| {
+        let url = format!("host=127.0.0.1 port={port} user=app dbname={db}");
+        tokio::process::Command::new(pgbench())
+            .args(["-n", "-M", &mode, "-c", &each.to_string(), "-j", "2", "-T", &seconds.to_string(), "--failures-detailed", "-l", "--log-prefix"])
+            .arg(dir.path().join(format!("tx.{i}")))
+            .arg("-f")
+            .arg(&script)
+            .arg(&url)
+            .env("PGPASSWORD", PASSWORD)
+            .output()
+    });
+    let run = futures::future::join_all(runs);
     let switching = async {
         tokio::time::sleep(at).await;
         let t0 = now();
         let note = switch().await;
         (t0, now(), note)
     };
-    let (out, (t0, t1, note)) = tokio::join!(run, switching);
-    let out = out?;
+    let (outs, (t0, t1, note)) = tokio::join!(run, switching);
     let note = note?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || text.contains("number of failed transactions: ") && !text.contains("number of failed transactions: 0 ") {
-        eprintln!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
-    }
     let mut lat = read_logs(dir.path(), (t0, t1))?;
-    if let Some(f) = text.lines().find_map(|l| l.strip_prefix("number of failed transactions: ")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()) {
-        lat.failed = lat.failed.max(f);
+    let mut failed = 0;
+    for out in outs {
+        let out = out?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || text.contains("number of failed transactions: ") && !text.contains("number of failed transactions: 0 ") {
+            eprintln!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        if let Some(f) = text.lines().find_map(|l| l.strip_prefix("number of failed transactions: ")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<u64>().ok()) {
+            failed += f;
+        }
     }
+    lat.failed = lat.failed.max(failed);
     Ok((lat, (t0, t1), note))
 }
 
@@ -220,6 +235,30 @@ async fn bench() -> anyhow::Result<()> {
         unfence(&pair).await?;
         runs.push((n, lat, switch, report));
     }
+    if let Some(members) = fleet_size() {
+        setup(&pair, "bench_single").await?;
+        let mut single = through_proxy(pair.blue.port, pair.green.port, false, "bench_single", 0, seconds, at).await?;
+        unfence(&pair).await?;
+        setup(&pair, "bench_fleet").await?;
+        let mut fleet = fleet_cutover(&pair, "bench_fleet", members, seconds, at).await?;
+        unfence(&pair).await?;
+        let pause = |r: &str, fleet: bool| {
+            let v: serde_json::Value = serde_json::from_str(r).unwrap_or_default();
+            if fleet { v["fleet"]["pause_ms"].as_f64().unwrap_or(0.0) } else { v["pause_ms"].as_f64().unwrap_or(0.0) }
+        };
+        let (p1, pf) = (pause(&single.2, false), pause(&fleet.2, true));
+        let (s1, sf) = (percentile(&mut single.0.window, 1.0), percentile(&mut fleet.0.window, 1.0));
+        println!("\none instance and a fleet of {members} (etcd), the same load (16 clients, spread over the fleet), ms:");
+        println!("  single: pause {p1:>8.1}  worst stall {s1:>8.1}  failed {}", single.0.failed);
+        println!("  fleet:  pause {pf:>8.1}  worst stall {sf:>8.1}  failed {}  (first gate closed to last gate open)", fleet.0.failed);
+        let v: serde_json::Value = serde_json::from_str(&fleet.2).unwrap_or_default();
+        for m in v["fleet"]["members"].as_array().into_iter().flatten() {
+            println!("    {}: {} drain {:.1} pause {:.1} held {}", m["name"].as_str().unwrap_or(""), m["outcome"].as_str().unwrap_or(""), m["drain_ms"].as_f64().unwrap_or(0.0), m["pause_ms"].as_f64().unwrap_or(0.0), m["held_requests"]);
+        }
+        let phases: Vec<String> = v["phases"].as_array().into_iter().flatten().map(|p| format!("{} {:.1}", p["name"].as_str().unwrap_or(""), p["ms"].as_f64().unwrap_or(0.0))).collect();
+        println!("    leader's phases: {}", phases.join(", "));
+        println!("  fleet pause - single pause = {:+.1} ms (goal: at most +20); fleet pause / single pause = {:.2}; worst stall ratio {:.2}", pf - p1, pf / p1.max(0.001), sf / s1.max(0.001));
+    }
     if std::env::args().any(|a| a == "--physical") {
         let (lat, switch, report) = switchover(most, seconds, at).await?;
         runs.push((most, lat, switch, report));
@@ -274,7 +313,7 @@ psql -X -q "$bouncer" -c "RESUME bench_bouncer"; step RESUME
     // Idle clients hold no server connection in transaction pooling (and could
     // keep no session state there).
     let idle = idle_sessions(bouncer.port, "bench_bouncer", most, false).await?;
-    let (mut theirs, switch_theirs, steps) = load(bouncer.port, "bench_bouncer", seconds, at, || async {
+    let (mut theirs, switch_theirs, steps) = load(&[bouncer.port], "bench_bouncer", seconds, at, || async {
         let out = tokio::process::Command::new("bash").arg("-c").arg(&script).env("PATH", path_with_psql()).output().await?;
         if !out.status.success() {
             anyhow::bail!("the PgBouncer script failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -318,7 +357,7 @@ async fn through_proxy(blue: u16, green: u16, standby: bool, db: &str, n: usize,
         seen.lock().unwrap_or_else(|p| p.into_inner()).push((at, std::time::Instant::now()));
         Box::pin(async { Ok(()) })
     })));
-    let result = load(handle.tcp_addr.port(), db, seconds, at, || async {
+    let result = load(&[handle.tcp_addr.port()], db, seconds, at, || async {
         let report = pgcutover::cutover::run(&proxy, pgcutover::cutover::Options::default()).await;
         if !report.committed() {
             anyhow::bail!("cutover {}: {:?}", report.outcome.as_str(), report.reason);
@@ -330,6 +369,60 @@ async fn through_proxy(blue: u16, green: u16, standby: bool, db: &str, n: usize,
     let points = points.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let steps: Vec<String> = points.windows(2).map(|w| format!("{} {:.1}", w[1].0, (w[1].1 - w[0].1).as_secs_f64() * 1000.0)).collect();
     println!("  {n} idle: ms up to each await point since the one before: {}", steps.join(", "));
+    result
+}
+
+/// `--fleet N`.
+fn fleet_size() -> Option<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == "--fleet")?;
+    Some(args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(3))
+}
+
+/// `members` proxies in front of blue and green, one fleet through a throwaway
+/// etcd, the load spread over them, one fleet cutover asked of the first.
+async fn fleet_cutover(pair: &Pair, db: &str, members: usize, seconds: u64, at: Duration) -> anyhow::Result<(Latencies, (f64, f64), String)> {
+    let etcd = pgcutover::etcd_server::Etcd::start()?;
+    let dir = tempfile::tempdir()?;
+    let mut handles = Vec::new();
+    for i in 0..members {
+        let config = pgcutover::config::Config::parse(&format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nsocket_dir = \"{}/{i}\"\n[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n\
+             [backends.blue]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"disable\"\n[backends.green]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"disable\"\n\
+             [cutover]\nactive = \"blue\"\ntarget = \"green\"\ndrain_timeout = \"2s\"\n[fleet]\netcd = [\"{}\"]\nname = \"m{i}\"\nlease_ttl = \"2s\"\n",
+            dir.path().display(),
+            pair.blue.port,
+            pair.green.port,
+            etcd.endpoint,
+        ))?;
+        let fleet = pgcutover::fleet::Fleet::connect(config.fleet.as_ref().ok_or_else(|| anyhow::anyhow!("no [fleet]"))?).await?;
+        fleet.init_active("blue").await?;
+        let handle = pgcutover::server::start(config).await?;
+        fleet.join(&handle.proxy).await?;
+        handles.push(handle);
+    }
+    // Every member sees every other before the cutover is asked for.
+    let leader = handles[0].proxy.clone();
+    for _ in 0..100 {
+        if leader.fleet().is_some_and(|f| f.view().members.len() == members) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ports: Vec<u16> = handles.iter().map(|h| h.tcp_addr.port()).collect();
+    let result = load(&ports, db, seconds, at, || async {
+        let report = pgcutover::cutover::run(&leader, pgcutover::cutover::Options::default()).await;
+        if !report.committed() {
+            anyhow::bail!("fleet cutover {}: {:?}", report.outcome.as_str(), report.reason);
+        }
+        Ok(serde_json::to_string(&report)?)
+    })
+    .await;
+    for mut h in handles {
+        h.stop_accepting().await;
+        h.proxy.shutdown(Duration::from_secs(2)).await;
+    }
+    drop(etcd);
     result
 }
 

@@ -32,7 +32,11 @@ impl Etcd {
     /// Starts etcd and waits until it answers.
     pub fn start() -> anyhow::Result<Etcd> {
         let program = program()?;
-        let dir = tempfile::Builder::new().prefix("pgcutover-etcd-").tempdir()?.keep();
+        // In memory where the machine has it: a throwaway store need not wait for a
+        // disk's fsync at every write (a production etcd does, on its own disk).
+        let shm = std::path::PathBuf::from("/dev/shm");
+        let builder = tempfile::Builder::new().prefix("pgcutover-etcd-").tempdir_in(if shm.is_dir() { shm } else { std::env::temp_dir() });
+        let dir = builder.or_else(|_| tempfile::Builder::new().prefix("pgcutover-etcd-").tempdir())?.keep();
         let port = crate::cluster::free_port()?;
         let peer = crate::cluster::free_port()?;
         let endpoint = format!("http://127.0.0.1:{port}");

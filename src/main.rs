@@ -53,6 +53,10 @@ enum Command {
         /// Where to connect (normally the proxy), e.g. postgres://app:secret@127.0.0.1:6432/shop
         #[arg(long)]
         url: String,
+        /// Another place to connect (another instance of a fleet); clients are
+        /// spread over --url and these, round robin. Repeatable.
+        #[arg(long)]
+        also_url: Vec<String>,
         #[arg(long, default_value_t = 16)]
         clients: u32,
         /// How long to run, e.g. 30s.
@@ -96,6 +100,10 @@ enum Command {
         /// Rehearse the cutover instead: every phase, then rolled back on purpose.
         #[arg(long)]
         rehearse: bool,
+        /// Run a fleet of this many instances (coordinated through a throwaway
+        /// etcd) with the load spread over them, and cut them over together.
+        #[arg(long, default_value_t = 1)]
+        fleet: usize,
     },
 }
 
@@ -208,11 +216,12 @@ fn main() -> ExitCode {
             Command::Status { config, json } => console(&config, "SHOW STATUS", json).await,
             Command::Cutover(a) => cutover(&a.config.clone(), "CUTOVER", a).await,
             Command::Check(a) => cutover(&a.config.clone(), "CHECK", a).await,
-            Command::Demo { seconds, plot, log, rehearse } => pgcutover::demo::run(std::time::Duration::from_secs(seconds), &plot, &log, rehearse).await,
-            Command::Loadtest { url, clients, duration, mode, workload, cutover_at, config, rehearse, init, json, plot } => {
+            Command::Demo { seconds, plot, log, rehearse, fleet } => pgcutover::demo::run(std::time::Duration::from_secs(seconds), &plot, &log, rehearse, fleet).await,
+            Command::Loadtest { url, also_url, clients, duration, mode, workload, cutover_at, config, rehearse, init, json, plot } => {
                 let parse = |d: &str| pgcutover::admin::command::parse_duration(d).map_err(|e| anyhow::anyhow!("{e}"));
                 let opts = pgcutover::loadtest::Options {
                     url,
+                    spread: also_url,
                     clients,
                     duration: parse(&duration)?,
                     mode,

@@ -33,6 +33,17 @@ async fn members(prefix: &str, names: &[&str]) -> Vec<Served> {
     v
 }
 
+/// Members a, b and c, assembled; a (the leader) with a test hook.
+async fn trio(prefix: &str, leader_hook: &str) -> [Served; 3] {
+    let endpoint = etcd().endpoint.clone();
+    let a = member(&endpoint, prefix, "a", &[("PGCUTOVER_TEST_HOOK", leader_hook)]).await;
+    let b = member(&endpoint, prefix, "b", &[]).await;
+    let c = member(&endpoint, prefix, "c", &[]).await;
+    let ms = [a, b, c];
+    assembled(&ms, 3).await;
+    ms
+}
+
 /// SHOW STATUS on a member's console, as name → value.
 async fn status(m: &Served) -> std::collections::HashMap<String, String> {
     let (ok, out, err) = m.cli(&["status", "--json"]).await;
@@ -175,13 +186,8 @@ async fn the_leader_killed_after_the_decision_the_survivors_converge_and_its_res
     let f = fixture();
     let db = "fl_leader";
     common::cut::replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
-    let endpoint = etcd().endpoint.clone();
     // The leader ends as kill -9 would right after its decision is in etcd.
-    let a = member(&endpoint, "/t-leader", "a", &[("PGCUTOVER_TEST_HOOK", "repointed:abort")]).await;
-    let b = member(&endpoint, "/t-leader", "b", &[]).await;
-    let c = member(&endpoint, "/t-leader", "c", &[]).await;
-    let ms = [a, b, c];
-    assembled(&ms, 3).await;
+    let ms = trio("/t-leader", "repointed:abort").await;
     let client = ms[1].connect("app", common::PASSWORD, db).await.unwrap();
     client.execute("INSERT INTO t (v) VALUES (1)", &[]).await.unwrap();
     let [a, b, c] = ms;
@@ -287,13 +293,8 @@ async fn the_leader_killed_after_its_fence_a_survivor_aborts_and_undoes_the_fenc
     let f = fixture();
     let db = "fl_leaderdies";
     common::cut::replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
-    let endpoint = etcd().endpoint.clone();
     // The leader ends as kill -9 would once its fence is made, before any decision.
-    let a = member(&endpoint, "/t-leaderdies", "a", &[("PGCUTOVER_TEST_HOOK", "drain:abort")]).await;
-    let b = member(&endpoint, "/t-leaderdies", "b", &[]).await;
-    let c = member(&endpoint, "/t-leaderdies", "c", &[]).await;
-    let ms = [a, b, c];
-    assembled(&ms, 3).await;
+    let ms = trio("/t-leaderdies", "drain:abort").await;
     let clients = [ms[1].connect("app", common::PASSWORD, db).await.unwrap(), ms[2].connect("app", common::PASSWORD, db).await.unwrap()];
     let [a, b, c] = ms;
     let switch = cutover(&a, &[]);

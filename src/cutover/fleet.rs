@@ -81,7 +81,7 @@ impl FleetRun {
         None
     }
 
-    /// Waits until every member has reported at least `progress`.
+    /// Waits until every other member has reported at least `progress`.
     async fn all(&self, progress: Progress, bound: Duration) -> Result<View, CutoverError> {
         let what = format!("every member {progress:?}").to_lowercase();
         self.fleet
@@ -90,7 +90,8 @@ impl FleetRun {
                     return Some(Err(t));
                 }
                 let board = v.board(&self.plan.id)?;
-                let missing = self.plan.members.iter().any(|m| board.reports.get(m).and_then(|r| r.progress).is_none_or(|p| p < progress));
+                let others = self.plan.members.iter().filter(|m| **m != self.fleet.name);
+                let missing = others.clone().any(|m| board.reports.get(m).and_then(|r| r.progress).is_none_or(|p| p < progress));
                 (!missing).then(|| Ok(v.clone()))
             })
             .await
@@ -110,8 +111,14 @@ impl FleetRun {
         o
     }
 
+    /// Reports this member's progress. The leader waits for no one on its own
+    /// account: it writes only its end (failed or done), which the report reads;
+    /// its steps inside the pause cost no etcd round trip.
     async fn say(&mut self, progress: Progress) -> Result<(), CutoverError> {
         self.mine.progress = Some(progress);
+        if self.leader && !matches!(progress, Progress::Failed | Progress::Done) {
+            return Ok(());
+        }
         self.fleet.report(&self.plan.id, &self.mine).await.map_err(|e| CutoverError::Fleet(format!("{e:#}")))
     }
 }
@@ -315,7 +322,10 @@ impl Run {
         let (outcome, held, longest, moved) = (self.report.outcome.as_str().to_string(), self.report.held_requests, self.report.longest_hold_ms, self.report.sessions_moved);
         let reason = self.report.reason.clone();
         let Some(f) = &mut self.fleet else { return };
-        f.mine.gate_opened_at = f.mine.gate_closed_at.map(|_| now_us());
+        // A gate that closed and never opened through `resume` (it could not): now.
+        if f.mine.gate_closed_at.is_some() && f.mine.gate_opened_at.is_none() {
+            f.mine.gate_opened_at = Some(now_us());
+        }
         f.mine.held_requests = held;
         f.mine.longest_hold_ms = longest;
         f.mine.sessions_moved = moved;

@@ -703,6 +703,9 @@ impl Run {
         if let Ok(paused) = self.proxy.gate().resume_as(Owner::Cutover) {
             self.report.pause_ms = ms(paused);
         }
+        if let Some(f) = &mut self.fleet {
+            f.mine.gate_opened_at = Some(crate::fleet::now_us());
+        }
         self.paused = false;
         self.report.held_requests = held.len() as u64;
         self.report.longest_hold_ms = ms(held.into_iter().max().unwrap_or_default());

@@ -19,6 +19,9 @@ pub use workload::{Mode, Workload};
 
 pub struct Options {
     pub url: String,
+    /// More places to connect (the other instances of a fleet): client i connects
+    /// to the i-th of `url` and these, round robin.
+    pub spread: Vec<String>,
     pub clients: u32,
     pub duration: Duration,
     pub mode: Mode,
@@ -119,8 +122,12 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Er
 async fn run_client(opts: Arc<Options>, id: i32, run: Arc<String>, start: Instant, deadline: Instant, done: Arc<std::sync::atomic::AtomicU64>) -> ClientResult {
     let mut result = ClientResult { id, done: Vec::new(), errors: BTreeMap::new(), committed: Vec::new() };
     let mut seq: i64 = 0;
+    let url = match id as usize % (opts.spread.len() + 1) {
+        0 => &opts.url,
+        i => &opts.spread[i - 1],
+    };
     'connect: while Instant::now() < deadline {
-        let client = match connect(&opts.url).await {
+        let client = match connect(url).await {
             Ok(c) => c,
             Err(e) => {
                 *result.errors.entry(error_code(&e)).or_default() += 1;
@@ -417,6 +424,22 @@ impl Report {
                 "  sessions moved {}, cancelled {}, closed {}; held requests {}, longest hold {:.1} ms",
                 c["sessions_moved"], c["sessions_cancelled"], c["sessions_closed"], c["held_requests"], c["longest_hold_ms"].as_f64().unwrap_or(0.0)
             );
+            let fleet = &c["fleet"];
+            if fleet.is_object() {
+                println!("  fleet: led by {}, decision: {}, fleet pause {:.1} ms (first gate closed to last gate open)", fleet["leader"].as_str().unwrap_or("?"), fleet["decision"].as_str().unwrap_or("?"), fleet["pause_ms"].as_f64().unwrap_or(0.0));
+                for m in fleet["members"].as_array().into_iter().flatten() {
+                    println!(
+                        "    {:12} {:12} drain {:>7.1} ms  pause {:>7.1} ms  held {:>4} (longest {:.1} ms)  moved {}",
+                        m["name"].as_str().unwrap_or("?"),
+                        m["outcome"].as_str().unwrap_or("?"),
+                        m["drain_ms"].as_f64().unwrap_or(0.0),
+                        m["pause_ms"].as_f64().unwrap_or(0.0),
+                        m["held_requests"],
+                        m["longest_hold_ms"].as_f64().unwrap_or(0.0),
+                        m["sessions_moved"]
+                    );
+                }
+            }
         }
     }
 }
