@@ -90,8 +90,8 @@ impl FleetRun {
                     return Some(Err(t));
                 }
                 let board = v.board(&self.plan.id)?;
-                let others = self.plan.members.iter().filter(|m| **m != self.fleet.name);
-                let missing = others.clone().any(|m| board.reports.get(m).and_then(|r| r.progress).is_none_or(|p| p < progress));
+                let mut others = self.plan.members.iter().filter(|m| **m != self.fleet.name);
+                let missing = others.any(|m| board.reports.get(m).and_then(|r| r.progress).is_none_or(|p| p < progress));
                 (!missing).then(|| Ok(v.clone()))
             })
             .await
