@@ -494,3 +494,48 @@ async fn a_cutover_behind_an_operators_pause_is_refused_before_it_touches_the_so
     let port: i32 = c.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
     assert_eq!(port as u16, f.blue().port);
 }
+
+/// The fence ends a session that logs in as the application but bypasses the
+/// proxy, and spares a walsender that logs in as the same role (a subscription
+/// set up with the application's credentials): the scan finds both, only the
+/// client backend is terminated.
+#[tokio::test]
+async fn the_fence_terminates_a_bypassing_session_and_spares_a_walsender_of_the_same_role() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_bypass";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int); CREATE TABLE r (id bigserial PRIMARY KEY)").await;
+    for c in [f.blue(), f.green()] {
+        c.execute("postgres", "CREATE ROLE fence_app LOGIN REPLICATION PASSWORD 'secret'").await.unwrap();
+        c.execute(db, "GRANT ALL ON ALL TABLES IN SCHEMA public TO fence_app; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO fence_app").await.unwrap();
+    }
+    f.blue().execute(db, "CREATE PUBLICATION pub_by_app FOR TABLE r").await.unwrap();
+    f.green()
+        .execute(db, &format!("CREATE SUBSCRIPTION ctl_by_app CONNECTION 'host=127.0.0.1 port={} user=fence_app password=secret dbname={db}' PUBLICATION pub_by_app WITH (copy_data = false)", f.blue().port))
+        .await
+        .unwrap();
+    let blue = f.blue().connect(db).await.unwrap();
+    let walsender = || async {
+        blue.query_opt("SELECT pid FROM pg_stat_replication WHERE application_name = 'ctl_by_app' AND usename = 'fence_app'", &[]).await.unwrap().map(|r| r.get::<_, i32>(0))
+    };
+    assert!(common::eventually(30, || async { walsender().await.is_some() }).await, "the subscription streams as fence_app");
+    let before = walsender().await;
+
+    let proxy = f.proxy(|c| c.auth.users.push(pgcutover::config::UserConfig { name: "fence_app".into(), password: Some("secret".into()), admin: false })).await;
+    let c = proxy.connect_as("fence_app", "secret", db).await.unwrap();
+    c.batch_execute("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    let (bypass, conn) = tokio_postgres::connect(&f.blue().url("fence_app", Some("secret"), db), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    bypass.batch_execute("SELECT 1").await.unwrap();
+
+    let report = cutover(&proxy, "green FORCE REHEARSE").await;
+    assert_eq!(report["outcome"], "rehearsed", "{report:#?}");
+    assert_eq!(report["terminated"], "1", "the bypassing session, and nothing else: {report:#?}");
+    let err = bypass.batch_execute("SELECT 1").await.expect_err("the bypassing session was terminated");
+    assert!(err.as_db_error().map_or(true, |e| e.code().code() == "57P01"), "{err:?}");
+    assert_eq!(walsender().await, before, "the walsender of the same role was spared");
+    c.batch_execute("INSERT INTO t (v) VALUES (2)").await.expect("the proxy's session saw only a delay");
+    blue_writable(f, db).await;
+    let login: bool = blue.query_one("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'fence_app'", &[]).await.unwrap().get(0);
+    assert!(login, "fence_app has LOGIN again after the rehearsal");
+}

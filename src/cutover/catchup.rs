@@ -74,7 +74,9 @@ pub async fn mark(src: &Client, id: &str) -> Result<String, tokio_postgres::Erro
 /// returns how long that took and which side said so last.
 pub async fn wait_replayed(src: &Client, dst: &Client, subs: &[Subscription], lsn: &str, deadline: Instant) -> Result<(Duration, &'static str), CutoverError> {
     let started = Instant::now();
-    let on_source = src.prepare("SELECT coalesce(bool_or(replay_lsn >= $1::text::pg_lsn), false) FROM pg_stat_replication WHERE pid = $2").await?;
+    // pg_stat_get_wal_senders() rather than pg_stat_replication: the view joins
+    // every backend's status, which takes milliseconds with a thousand sessions.
+    let on_source = src.prepare("SELECT coalesce(bool_or(replay_lsn >= $1::text::pg_lsn), false) FROM pg_stat_get_wal_senders() WHERE pid = $2").await?;
     let on_target = dst.prepare("SELECT coalesce(bool_or(latest_end_lsn >= $1::text::pg_lsn), false) FROM pg_stat_subscription WHERE subid = $2 AND relid IS NULL").await?;
     let mut by = "none";
     for sub in subs {
