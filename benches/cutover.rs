@@ -41,6 +41,8 @@ fn now() -> f64 {
 /// Latencies (µs) of transactions in flight during the switch, and of the rest.
 struct Latencies {
     window: Vec<u64>,
+    /// The window's transactions: start and end (epoch seconds), latency (µs).
+    spans: Vec<(f64, f64, u64)>,
     steady: Vec<u64>,
     failed: u64,
 }
@@ -55,7 +57,7 @@ fn percentile(v: &mut [u64], q: f64) -> f64 {
 
 /// Reads pgbench's per-transaction logs (`client tx latency_us script epoch us`).
 fn read_logs(dir: &Path, switch: (f64, f64)) -> anyhow::Result<Latencies> {
-    let mut l = Latencies { window: Vec::new(), steady: Vec::new(), failed: 0 };
+    let mut l = Latencies { window: Vec::new(), spans: Vec::new(), steady: Vec::new(), failed: 0 };
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tx.")) {
@@ -74,6 +76,7 @@ fn read_logs(dir: &Path, switch: (f64, f64)) -> anyhow::Result<Latencies> {
             let start = end - latency as f64 / 1e6;
             if start <= switch.1 && end >= switch.0 {
                 l.window.push(latency);
+                l.spans.push((start, end, latency));
             } else if end < switch.0 - 0.5 || start > switch.1 + 0.5 {
                 l.steady.push(latency);
             }
@@ -275,7 +278,7 @@ async fn bench() -> anyhow::Result<()> {
     }
     print_runs(&mut runs);
     let (_, ours, switch_ours, report) = runs.last_mut().ok_or_else(|| anyhow::anyhow!("no run"))?;
-    let (ours, switch_ours, report) = (std::mem::replace(ours, Latencies { window: Vec::new(), steady: Vec::new(), failed: 0 }), *switch_ours, report.clone());
+    let (ours, switch_ours, report) = (std::mem::replace(ours, Latencies { window: Vec::new(), spans: Vec::new(), steady: Vec::new(), failed: 0 }), *switch_ours, report.clone());
     let mut ours = ours;
 
     // PgBouncer, transaction pooling, with the usual script.
@@ -351,12 +354,15 @@ async fn through_proxy(blue: u16, green: u16, standby: bool, db: &str, n: usize,
     let idle = idle_sessions(handle.tcp_addr.port(), db, n, true).await?;
     let proxy = handle.proxy.clone();
     // Where the time goes between the cutover's await points (its test hooks).
-    let points: std::sync::Arc<std::sync::Mutex<Vec<(&'static str, std::time::Instant)>>> = Default::default();
+    let points: std::sync::Arc<std::sync::Mutex<Vec<(&'static str, std::time::Instant, f64)>>> = Default::default();
     let seen = points.clone();
     proxy.cutover.set_hook(Some(std::sync::Arc::new(move |at| {
-        seen.lock().unwrap_or_else(|p| p.into_inner()).push((at, std::time::Instant::now()));
+        seen.lock().unwrap_or_else(|p| p.into_inner()).push((at, std::time::Instant::now(), now()));
         Box::pin(async { Ok(()) })
     })));
+    // The cutover prewarms a connection per session before it pauses (about 9 ms
+    // each here): the load runs on long enough that the pause falls inside it.
+    let seconds = seconds + (n as u64 * 15).div_ceil(1000);
     let result = load(&[handle.tcp_addr.port()], db, seconds, at, || async {
         let report = pgcutover::cutover::run(&proxy, pgcutover::cutover::Options::default()).await;
         if !report.committed() {
@@ -369,6 +375,23 @@ async fn through_proxy(blue: u16, green: u16, standby: bool, db: &str, n: usize,
     let points = points.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let steps: Vec<String> = points.windows(2).map(|w| format!("{} {:.1}", w[1].0, (w[1].1 - w[0].1).as_secs_f64() * 1000.0)).collect();
     println!("  {n} idle: ms up to each await point since the one before: {}", steps.join(", "));
+    // Where the worst stalls fell: before the gate closed (the prewarm's logins
+    // and state copies share the machine with the load), across the pause, or
+    // after it (old connections closing, sessions adopting their new ones).
+    if let (Ok((lat, _, report)), Some(&(_, _, closed))) = (&result, points.iter().find(|p| p.0 == "pause")) {
+        let pause_ms = serde_json::from_str::<serde_json::Value>(report).ok().and_then(|v| v["pause_ms"].as_f64()).unwrap_or(0.0);
+        let opened = closed + pause_ms / 1000.0;
+        if lat.spans.iter().all(|s| s.1 < opened) {
+            println!("  {n} idle: the load ended before the pause did: raise BENCH_SECONDS");
+        }
+        let worst = |keep: &dyn Fn(f64, f64) -> bool| lat.spans.iter().filter(|s| keep(s.0, s.1)).map(|s| s.2).max().unwrap_or(0) as f64 / 1000.0;
+        println!(
+            "  {n} idle: worst stall, ms: ended before the pause {:.1}, across the pause {:.1}, began after it {:.1}",
+            worst(&|_, end| end < closed),
+            worst(&|start, end| start <= opened && end >= closed),
+            worst(&|start, _| start > opened),
+        );
+    }
     result
 }
 

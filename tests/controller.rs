@@ -275,17 +275,27 @@ async fn an_operators_resume_cannot_end_a_cutovers_pause() {
 
 /// The rule: a copy of a session's state is current until the session starts its
 /// next request (any statement may change session state, a function calling
-/// set_config included); a session that ran anything since its copy copies again
-/// when it moves.
+/// set_config included); a session that ran anything since its copy reads its
+/// state again when it moves, and copies it again when it changed (also inside a
+/// function, where no statement text shows it).
 #[tokio::test]
 async fn a_session_that_changes_its_state_after_its_copy_moves_with_the_change() {
     let _serial = serial().await;
     let f = fixture();
     let db = "ctl_recopy";
-    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    replicated(
+        f,
+        db,
+        "CREATE TABLE t (id bigserial PRIMARY KEY, v int); \
+         CREATE FUNCTION quietly() RETURNS void LANGUAGE plpgsql AS $$ BEGIN PERFORM set_config('statement_timeout', '77s', false); END $$",
+    )
+    .await;
     let proxy = f.proxy(|_| {}).await;
     let c = proxy.connect(db).await;
     c.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    // A session whose requests after the copy change nothing: it moves with it.
+    let d = proxy.connect(db).await;
+    d.batch_execute("SET work_mem = '5MB'").await.unwrap();
     // The cutover stops after prewarm (the state is copied) until the test says.
     let reached = std::sync::Arc::new(tokio::sync::Notify::new());
     let go = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -307,16 +317,23 @@ async fn a_session_that_changes_its_state_after_its_copy_moves_with_the_change()
     };
     reached.notified().await;
     c.batch_execute("SET work_mem = '9MB'; PREPARE later AS SELECT 2; SELECT set_config('app.step', 'after', false)").await.unwrap();
+    // A change no statement text shows: a function sets it.
+    c.batch_execute("SELECT quietly()").await.unwrap();
+    d.batch_execute("BEGIN; INSERT INTO t (v) VALUES (1); COMMIT; SELECT 1").await.unwrap();
     go.notify_one();
     let rows = running.await.unwrap().expect("CUTOVER answers").rows();
     let get = |k: &str| rows.iter().find(|r| r[0].as_deref() == Some(k)).and_then(|r| r[1].clone()).unwrap_or_default();
     assert_eq!(get("outcome"), "committed", "{rows:?}");
-    assert_eq!(get("sessions_prepared"), "1", "the state was copied before the pause");
+    assert_eq!(get("sessions_prepared"), "2", "the states were copied before the pause");
     let row = c.query_one("SELECT current_setting('work_mem'), current_setting('app.step', true), inet_server_port()", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(2) as u16, f.green().port);
     assert_eq!(row.get::<_, String>(0), "9MB", "the change after the copy moved too");
     assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("after"));
     c.batch_execute("EXECUTE later").await.expect("the statement prepared after the copy exists on green");
+    let timeout: String = c.query_one("SELECT current_setting('statement_timeout')", &[]).await.unwrap().get(0);
+    assert_eq!(timeout, "77s", "a setting changed inside a function moved too");
+    let row = d.query_one("SELECT current_setting('work_mem'), inet_server_port()", &[]).await.unwrap();
+    assert_eq!((row.get::<_, String>(0).as_str(), row.get::<_, i32>(1) as u16), ("5MB", f.green().port), "the unchanged session moved with its copy");
 }
 
 #[tokio::test]

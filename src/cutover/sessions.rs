@@ -46,7 +46,7 @@ pub async fn prewarm(sessions: &[Arc<SessionInfo>], target: &Arc<BackendTarget>,
         match conn {
             Ok(conn) => {
                 let (tx, rx) = oneshot::channel();
-                if s.control(Control::Prepare(Box::new(Prewarmed { target, conn, copied_at: None, listen_later: None }), tx)) {
+                if s.control(Control::Prepare(Box::new(Prewarmed { target, conn, copied_at: None, copied: None, listen_later: None }), tx)) {
                     answers.push(rx);
                 }
             }

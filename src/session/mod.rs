@@ -274,15 +274,17 @@ impl Session {
     ///
     /// On a standby (a switchover's target before its promotion) everything but
     /// LISTEN can be copied — recovery refuses LISTEN —, so the channels are left
-    /// out and returned: [`Session::after_promotion`] listens on them.
-    async fn copy_state(&mut self, conn: &mut BackendConn, reset: bool) -> Result<Option<Vec<migrate::Text>>, migrate::MigrateError> {
+    /// out and returned: [`Session::after_promotion`] listens on them. Also
+    /// returns the state as read on the old backend.
+    async fn copy_state(&mut self, conn: &mut BackendConn, reset: bool) -> Result<(Option<Vec<migrate::Text>>, migrate::SessionState), migrate::MigrateError> {
         let mut old_async = Vec::new();
         let mut new_async = Vec::new();
         let login_user = self.relay.info.user.clone();
         let standby = conn.params.iter().any(|(name, value)| name == "in_hot_standby" && value == "on");
         let copied = async {
             self.unabort(&mut old_async).await?;
-            let mut state = migrate::read_state(&mut self.relay.backend.stream, &self.relay.custom, &mut old_async).await?;
+            let read = migrate::read_state(&mut self.relay.backend.stream, &self.relay.custom, &mut old_async).await?;
+            let mut state = read.clone();
             let later = standby.then(|| std::mem::take(&mut state.channels));
             // The target is someone else's server: a lock queue there (a standby's
             // replay waiting on a conflict, a DDL) must not stall this session.
@@ -299,7 +301,7 @@ impl Session {
             };
             match migrate::differences(&state, &copy) {
                 Some(d) => Err(migrate::MigrateError::Differs(d)),
-                None => Ok(later),
+                None => Ok((later, read)),
             }
         }
         .await;
@@ -316,7 +318,10 @@ impl Session {
     /// current as long as the session starts no request (see `Relay::requests`).
     async fn prepare(&mut self) {
         let Some(mut p) = self.prewarmed.take() else { return };
-        let copied = self.copy_state(&mut p.conn, p.copied_at.is_some()).await;
+        let copied = self.copy_state(&mut p.conn, p.copied_at.is_some()).await.map(|(later, read)| {
+            p.copied = Some(read);
+            later
+        });
         p.copied_at = copied.is_ok().then_some(self.relay.requests);
         // A connection left mid-exchange is of no further use: the session opens
         // another when it moves.
@@ -405,16 +410,29 @@ impl Session {
                 format!("pgcutover moved the database to another server and could not bring this session along: {e}; reconnect"),
             ))
         };
-        let (target, mut new, current, copied, mut later) = match prepared {
+        let (target, mut new, mut current, copied, mut later) = match prepared {
             Some(p) => {
                 let current = p.copied_at == Some(self.relay.requests);
-                (p.target, p.conn, current, p.copied_at.is_some(), p.listen_later)
+                (p.target, p.conn, current, p.copied, p.listen_later)
             }
-            None => (active.clone(), self.connect_to(&active).await?, false, false, None),
+            None => (active.clone(), self.connect_to(&active).await?, false, None, None),
         };
+        // Requests ran since the copy (a busy session, held at the pause): most
+        // change nothing the copy holds, and one read on the old backend says so,
+        // without a round trip to the new one.
+        if let (false, Some(before)) = (current, &copied) {
+            let mut asynchronous = Vec::new();
+            let read = async {
+                self.unabort(&mut asynchronous).await?;
+                migrate::read_state(&mut self.relay.backend.stream, &self.relay.custom, &mut asynchronous).await
+            };
+            current = matches!(read.await, Ok(now) if now == *before);
+            let old_pid = self.relay.backend.key.pid;
+            self.deliver(asynchronous, old_pid, None);
+        }
         if !current {
-            match self.copy_state(&mut new, copied).await {
-                Ok(l) => later = l,
+            match self.copy_state(&mut new, copied.is_some()).await {
+                Ok((l, _)) => later = l,
                 Err(e) => {
                     tracing::warn!(session = id, error = %e, "session cannot move; closing it");
                     tokio::spawn(terminate_backend(new.stream, new.port));
@@ -435,8 +453,8 @@ impl Session {
                 tokio::spawn(terminate_backend(new.stream, new.port));
                 new = self.connect_to(&active).await?;
                 let copied = match self.copy_state(&mut new, false).await {
-                    Ok(None) => Ok(()),
-                    Ok(Some(_)) => Err(migrate::MigrateError::Differs(format!("{} is still in recovery", active.name))),
+                    Ok((None, _)) => Ok(()),
+                    Ok((Some(_), _)) => Err(migrate::MigrateError::Differs(format!("{} is still in recovery", active.name))),
                     Err(e) => Err(e),
                 };
                 if let Err(e) = copied {
@@ -548,6 +566,13 @@ impl Session {
 /// Says goodbye to a backend and waits (bounded) until it has gone; its port stays
 /// known as the proxy's own until then.
 async fn terminate_backend(mut stream: Stream, port: crate::backend::ports::PortGuard) {
+    // A cutover ends a thousand sessions' old connections at once; each server
+    // process exit costs a millisecond or two of a core, and a storm of them would
+    // take the cores from the clients' first requests on the new server. Two per
+    // core at a time: the old server has nothing left to do for them.
+    static CLOSING: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let closing = CLOSING.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()) * 2));
+    let _permit = closing.acquire().await;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(&write::TERMINATE).await?;
         let mut sink = [0u8; 512];

@@ -84,6 +84,9 @@ pub struct Prewarmed {
     /// The session's request count when its state was copied onto `conn` (None:
     /// not copied). The copy is current while the count has not moved.
     pub copied_at: Option<u64>,
+    /// The session's state as read on its old backend for that copy: when the
+    /// session has run requests since, one read finds whether it still holds.
+    pub copied: Option<crate::session::migrate::SessionState>,
     /// The copy was made while the target was a standby (a switchover's, before
     /// its promotion): these LISTEN channels wait for the promotion, and the
     /// connection's read-write state is checked then.
