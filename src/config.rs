@@ -98,6 +98,10 @@ pub struct ProxyConfig {
     /// SIGTERM/SIGINT: how long open sessions get to finish their transaction.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Event loops (threads) the client connections are spread over; default one
+    /// per four cores (see `shards`). Read at start only.
+    #[serde(default = "crate::shards::default_count")]
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -311,6 +315,9 @@ impl Config {
         }
         if self.proxy.tls_mode != ClientTlsMode::Disable && self.proxy.tls_cert.is_none() {
             return invalid(format!("tls_mode = {:?} needs tls_cert and tls_key", self.proxy.tls_mode));
+        }
+        if self.proxy.threads == 0 || self.proxy.threads > 1024 {
+            return invalid(format!("threads must be between 1 and 1024, not {}", self.proxy.threads));
         }
         if self.proxy.max_message_size < 1024 {
             return invalid("max_message_size must be at least 1024 bytes".into());

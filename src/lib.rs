@@ -23,5 +23,6 @@ pub mod net;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod shards;
 pub mod state;
 pub mod tls;

@@ -24,6 +24,16 @@ impl Stream {
     pub fn is_unix(&self) -> bool {
         matches!(self, Stream::Unix(_))
     }
+
+    /// Whether a read may find bytes (registers the waker when not). A TLS stream
+    /// may hold decrypted bytes the socket no longer shows: always worth a read.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
+            Stream::ServerTls(_) | Stream::ClientTls(_) => Poll::Ready(Ok(())),
+        }
+    }
 }
 
 macro_rules! delegate {

@@ -50,6 +50,8 @@ pub struct Proxy {
     pub cutover: crate::cutover::Controller,
     /// This instance's seat in a fleet (`[fleet]`), once it has joined.
     fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
+    /// The event loops client connections run on, once started.
+    shards: std::sync::OnceLock<crate::shards::Shards>,
 }
 
 fn build_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<BackendTarget>>> {
@@ -95,7 +97,13 @@ impl Proxy {
             logins: ArcSwapOption::empty(),
             cutover: crate::cutover::Controller::default(),
             fleet: std::sync::OnceLock::new(),
+            shards: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The event loops client connections run on (None before [`start`]).
+    pub fn shards(&self) -> Option<&crate::shards::Shards> {
+        self.shards.get()
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -323,7 +331,9 @@ fn own_directory(dir: &Path) -> anyhow::Result<()> {
 /// Binds the listeners and starts accepting.
 pub async fn start(config: Config) -> anyhow::Result<ProxyHandle> {
     let listen = config.proxy.listen;
+    let threads = config.proxy.threads;
     let proxy = Arc::new(Proxy::new(config)?);
+    let _ = proxy.shards.set(crate::shards::Shards::start(threads).context("cannot start the event loops")?);
     let tcp = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let tcp_addr = tcp.local_addr()?;
     *proxy.listen_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(tcp_addr);

@@ -156,28 +156,13 @@ impl Drop for PgBouncer {
 pub fn start_pgcutover(backend_port: u16) -> anyhow::Result<(tokio::runtime::Runtime, u16, tempfile::TempDir)> {
     let dir = tempfile::Builder::new().prefix("pgcutover-bench-").tempdir()?;
     let config = pgcutover::config::Config::parse(&format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nsocket_dir = \"{}\"\n[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n[backends.db]\nhost = \"127.0.0.1\"\nport = {backend_port}\ntls = \"disable\"\n[cutover]\nactive = \"db\"\n",
-        dir.path().display()
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nsocket_dir = \"{}\"\nthreads = {}\n[auth]\nmethod = \"scram-sha-256\"\n[[auth.users]]\nname = \"app\"\npassword = \"{PASSWORD}\"\n[backends.db]\nhost = \"127.0.0.1\"\nport = {backend_port}\ntls = \"disable\"\n[cutover]\nactive = \"db\"\n",
+        dir.path().display(),
+        std::env::var("BENCH_THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or_else(pgcutover::shards::default_count),
     ))?;
-    if std::env::var("BENCH_RT").as_deref() == Ok("ct") {
-        // One current-thread runtime on a thread of its own, like PgBouncer's one loop.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let handle = pgcutover::server::start(config).await.unwrap();
-                tx.send(handle.tcp_addr.port()).unwrap();
-                std::future::pending::<()>().await;
-            });
-        });
-        let port = rx.recv()?;
-        let rt = tokio::runtime::Builder::new_current_thread().build()?;
-        return Ok((rt, port, dir));
-    }
-    let rt = match std::env::var("BENCH_RT").as_deref() {
-        Ok("mt1") => tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?,
-        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
-    };
+    // Sessions run on the proxy's own event loops (`[proxy] threads`, one per
+    // core unless BENCH_THREADS says); this runtime's one thread only accepts.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let handle = rt.block_on(pgcutover::server::start(config))?;
     let port = handle.tcp_addr.port();
     std::mem::forget(handle); // serves until the runtime is dropped

@@ -92,6 +92,12 @@ pub(super) fn poll_out(s: &mut Stream, out: &mut IoBuf, unflushed: &mut bool, cx
 
 /// Reads what `s` has into `inb`. Ready(n) with n bytes read (0: end of stream).
 pub(super) fn poll_in(s: &mut Stream, inb: &mut Inbound, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+    // Most polls find nothing to read: ask the socket before taking a buffer.
+    match s.poll_read_ready(cx) {
+        Poll::Pending => return Poll::Pending,
+        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+        Poll::Ready(Ok(())) => {}
+    }
     let spare = inb.buf.spare(CHUNK);
     let mut rb = ReadBuf::new(spare);
     match Pin::new(&mut *s).poll_read(cx, &mut rb) {

@@ -233,57 +233,64 @@ impl Relay {
     /// Polls until an event. Cancellation safety: all state lives in `self`; a
     /// poll that is dropped leaves every byte where it was.
     pub fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        // One turn: read both sides, walk what came in, write what is queued. A
+        // turn runs again only when a read brought bytes (the next read registers
+        // the waker) or a write made room for a read that was held back; a turn
+        // after a write alone would only find every socket Pending. A side whose
+        // read returned Pending has its waker set: later turns of this poll skip it.
+        let (mut backend_waits, mut client_waits) = (false, false);
         loop {
-            let mut progress = false;
-            match poll_out(&mut self.backend.stream, &mut self.to_backend, &mut self.backend_unflushed, cx) {
-                Poll::Ready(Ok(moved)) => progress |= moved,
-                Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::BackendGone(Some(e)))),
-                Poll::Pending => {}
-            }
-            match poll_out(&mut self.client, &mut self.to_client, &mut self.client_unflushed, cx) {
-                Poll::Ready(Ok(moved)) => progress |= moved,
-                Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::ClientGone(Some(e)))),
-                Poll::Pending => {}
-            }
+            let mut again = false;
             // A move waits for a whole frame from the backend: finish a partial one
             // even when the client reads slowly (one frame is bounded).
             let finish_frame = self.want.any() && !self.from_backend.at_boundary();
-            if self.to_client.len() < HIGH_WATER || finish_frame {
+            let read_backend = self.to_client.len() < HIGH_WATER || finish_frame;
+            if read_backend && !backend_waits {
                 match poll_in(&mut self.backend.stream, &mut self.from_backend, cx) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Event::End(End::BackendGone(None))),
-                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Ok(_)) => again = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::BackendGone(Some(e)))),
-                    Poll::Pending => {}
+                    Poll::Pending => backend_waits = true,
                 }
             }
-            let room = if self.holding { self.from_client.buf.len() < HOLD_BUFFER } else { self.to_backend.len() < HIGH_WATER };
-            if room {
+            let read_client = if self.holding { self.from_client.buf.len() < HOLD_BUFFER } else { self.to_backend.len() < HIGH_WATER };
+            if read_client && !client_waits {
                 match poll_in(&mut self.client, &mut self.from_client, cx) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Event::End(End::ClientGone(None))),
                     Poll::Ready(Ok(n)) => {
                         self.info.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        progress = true;
+                        again = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::ClientGone(Some(e)))),
-                    Poll::Pending => {}
+                    Poll::Pending => client_waits = true,
                 }
             }
-            let queued = (self.to_client.len(), self.to_backend.len());
             if let Some(ev) = self.process_backend() {
                 return Poll::Ready(ev);
             }
             if let Some(ev) = self.process_client() {
                 return Poll::Ready(ev);
             }
-            // New output is written on the next turn (or its socket's waker is set).
-            progress |= queued != (self.to_client.len(), self.to_backend.len());
+            // Quiescence is published before the client can see the ReadyForQuery
+            // that ends its request (a pause it asks for next finds it idle).
             self.publish();
+            match poll_out(&mut self.backend.stream, &mut self.to_backend, &mut self.backend_unflushed, cx) {
+                Poll::Ready(Ok(moved)) => again |= moved && !read_client && !self.holding,
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::BackendGone(Some(e)))),
+                Poll::Pending => {}
+            }
+            match poll_out(&mut self.client, &mut self.to_client, &mut self.client_unflushed, cx) {
+                Poll::Ready(Ok(moved)) => again |= moved && !read_backend,
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::ClientGone(Some(e)))),
+                Poll::Pending => {}
+            }
             if self.want.any() && self.movable() && (!self.want.shutdown || self.client_idle()) {
                 return Poll::Ready(Event::Ready);
             }
-            if !progress {
-                // Every source polled returned Pending (its waker is set), or was
-                // skipped because output waits on a socket whose waker is set.
+            if !again {
+                // Every read returned Pending (its waker is set) or waits for room
+                // that a write with its waker set will make; every write is done
+                // or returned Pending.
                 return Poll::Pending;
             }
         }
