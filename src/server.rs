@@ -52,6 +52,9 @@ pub struct Proxy {
     fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
     /// The event loops client connections run on, once started.
     shards: std::sync::OnceLock<crate::shards::Shards>,
+    /// The runtime that started the proxy: the control plane (a cutover) runs
+    /// there, not on an event loop that relays sessions.
+    control: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 fn build_backends(config: &Config) -> anyhow::Result<HashMap<String, Arc<BackendTarget>>> {
@@ -98,7 +101,21 @@ impl Proxy {
             cutover: crate::cutover::Controller::default(),
             fleet: std::sync::OnceLock::new(),
             shards: std::sync::OnceLock::new(),
+            control: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Spawns `task` on the control plane's runtime (the one that started the
+    /// proxy), or here before [`start`].
+    pub fn spawn_control<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match self.control.get() {
+            Some(h) => h.spawn(task),
+            None => tokio::spawn(task),
+        }
     }
 
     /// The event loops client connections run on (None before [`start`]).
@@ -334,6 +351,7 @@ pub async fn start(config: Config) -> anyhow::Result<ProxyHandle> {
     let threads = config.proxy.threads;
     let proxy = Arc::new(Proxy::new(config)?);
     let _ = proxy.shards.set(crate::shards::Shards::start(threads).context("cannot start the event loops")?);
+    let _ = proxy.control.set(tokio::runtime::Handle::current());
     let tcp = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let tcp_addr = tcp.local_addr()?;
     *proxy.listen_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(tcp_addr);

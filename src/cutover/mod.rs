@@ -142,10 +142,12 @@ pub async fn follow(proxy: &Arc<Proxy>, plan: crate::fleet::Plan) -> CutoverRepo
 
 /// Runs one cutover as a task of its own and waits for its report. Dropping the
 /// returned future does not stop the cutover: it still ends in commit or rollback.
-/// In a fleet, the instance asked leads a cutover of every member.
+/// In a fleet, the instance asked leads a cutover of every member. The task runs
+/// on the control plane's runtime, whoever asks (a console session runs on an
+/// event loop that relays other sessions).
 pub async fn run(proxy: &Arc<Proxy>, opts: Options) -> CutoverReport {
     let proxy2 = proxy.clone();
-    let task = tokio::spawn(async move { supervise(&proxy2, opts).await });
+    let task = proxy.spawn_control(async move { supervise(&proxy2, opts).await });
     match task.await {
         Ok(report) => report,
         Err(e) => {
