@@ -84,14 +84,6 @@ impl Shards {
         Ok(Shards { shards })
     }
 
-    pub fn len(&self) -> usize {
-        self.shards.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.shards.is_empty()
-    }
-
     /// Connections running on each shard.
     pub fn loads(&self) -> Vec<usize> {
         self.shards.iter().map(|s| s.live.load(Ordering::Relaxed)).collect()
@@ -156,7 +148,8 @@ mod tests {
             assert_eq!(&b, b"x");
         }
         drop(clients);
-        for _ in 0..200 {
+        // Bounded generously: a busy machine may take its time to see the EOFs.
+        for _ in 0..1000 {
             if shards.loads() == vec![0, 0] {
                 return;
             }
