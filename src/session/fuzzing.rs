@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use super::registry::{BackendLink, NewSession, Registry};
+use super::inbox::Inbox;
+use super::registry::{BackendLink, NewSession, Registry, SessionGuard};
 use super::relay::{BackendSide, Event, Relay};
 use crate::backend::BackendTarget;
 use crate::config::BackendConfig;
@@ -16,7 +17,9 @@ use crate::protocol::startup::CancelKey;
 
 /// Feeds `client` and `backend` bytes to a relay (each side then closes) and
 /// returns what reached the backend and the client, and how the relay ended.
-pub async fn relay_bytes(client: &[u8], backend: &[u8]) -> std::io::Result<(Vec<u8>, Vec<u8>, String)> {
+/// A registered session with no connections behind it: its registry entry, its
+/// control inbox, and a backend target (port 1, never reached).
+pub(crate) fn lone_session() -> std::io::Result<(SessionGuard, Inbox, Arc<BackendTarget>, CancelKey)> {
     let config = BackendConfig {
         host: "127.0.0.1".into(),
         port: 1,
@@ -29,7 +32,7 @@ pub async fn relay_bytes(client: &[u8], backend: &[u8]) -> std::io::Result<(Vec<
     };
     let target = Arc::new(BackendTarget::new("fuzz", &config).map_err(|e| std::io::Error::other(e.to_string()))?);
     let key = CancelKey { pid: 1234, secret: 1 };
-    let (guard, _control) = Arc::new(Registry::default()).register(NewSession {
+    let (guard, inbox) = Arc::new(Registry::default()).register(NewSession {
         user: "fuzz".into(),
         database: "fuzz".into(),
         application_name: String::new(),
@@ -39,6 +42,11 @@ pub async fn relay_bytes(client: &[u8], backend: &[u8]) -> std::io::Result<(Vec<
         startup_params: Default::default(),
         creds: Default::default(),
     });
+    Ok((guard, inbox, target, key))
+}
+
+pub async fn relay_bytes(client: &[u8], backend: &[u8]) -> std::io::Result<(Vec<u8>, Vec<u8>, String)> {
+    let (guard, _inbox, target, key) = lone_session()?;
     let (client_near, client_far) = UnixStream::pair()?;
     let (backend_near, backend_far) = UnixStream::pair()?;
     let gate = Arc::new(crate::gate::Gate::new());

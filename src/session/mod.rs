@@ -5,6 +5,7 @@
 pub mod buffer;
 pub mod ended;
 pub mod fuzzing;
+mod inbox;
 mod learn;
 mod io;
 pub mod migrate;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use crate::backend::{BackendConn, BackendTarget};
 use crate::client::Login;
@@ -138,7 +139,7 @@ const COPY_TIMEOUT: Duration = Duration::from_secs(2);
 struct Session {
     proxy: Arc<Proxy>,
     relay: Relay,
-    control: mpsc::UnboundedReceiver<Control>,
+    control: inbox::Inbox,
     gate_rx: watch::Receiver<bool>,
     /// A connection to a cutover's target, maybe with the session's state on it.
     prewarmed: Option<Box<Prewarmed>>,

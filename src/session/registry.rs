@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::mpsc;
-
 use rand::Rng;
 use subtle::ConstantTimeEq;
 
@@ -133,10 +131,18 @@ pub struct SessionInfo {
     pub xacts: AtomicU64,
     /// Held at the gate since (for SHOW SESSIONS).
     held_since: Mutex<Option<(Instant, SystemTime)>>,
-    control: mpsc::UnboundedSender<Control>,
+    control: super::inbox::Outbox,
+    pub(super) bell: super::inbox::Bell,
     /// What the session logged in with, to log in elsewhere on its behalf.
     pub startup_params: super::params::Params,
     pub creds: crate::auth::BackendCredentials,
+}
+
+/// Adds to a session's own counter. Only the session's task writes its counters,
+/// so a load and a store do (no locked read-modify-write on the hot path); readers
+/// see every value once written.
+pub(crate) fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
 impl SessionInfo {
@@ -146,9 +152,9 @@ impl SessionInfo {
 
     /// A ReadyForQuery reached the client.
     pub(crate) fn on_ready(&self, status: u8) {
-        self.queries.fetch_add(1, Ordering::Relaxed);
+        bump(&self.queries, 1);
         if status == b'I' {
-            self.xacts.fetch_add(1, Ordering::Relaxed);
+            bump(&self.xacts, 1);
         }
         self.tx.store(status, Ordering::Relaxed);
     }
@@ -194,7 +200,7 @@ impl SessionInfo {
 
     /// Sends a control request to the session; false if it has ended.
     pub fn control(&self, c: Control) -> bool {
-        self.control.send(c).is_ok()
+        self.control.send(&self.bell, c)
     }
 
     pub fn backend(&self) -> BackendLink {
@@ -265,8 +271,8 @@ impl Registry {
 
     /// Registers a session under a freshly minted, unique cancel key. The returned
     /// guard unregisters it when dropped.
-    pub fn register(self: &Arc<Self>, new: NewSession) -> (SessionGuard, mpsc::UnboundedReceiver<Control>) {
-        let (control, control_rx) = mpsc::unbounded_channel();
+    pub fn register(self: &Arc<Self>, new: NewSession) -> (SessionGuard, super::inbox::Inbox) {
+        let (control, control_rx) = super::inbox::channel();
         let mut rng = rand::thread_rng();
         let mut map = self.lock();
         let tag = i32::from(self.tag.load(Ordering::Relaxed));
@@ -294,11 +300,13 @@ impl Registry {
             xacts: AtomicU64::new(0),
             held_since: Mutex::new(None),
             control,
+            bell: Default::default(),
             startup_params: new.startup_params,
             creds: new.creds,
         });
         map.insert(pid, info.clone());
-        (SessionGuard { registry: self.clone(), info }, control_rx)
+        let inbox = super::inbox::Inbox::new(control_rx, info.clone());
+        (SessionGuard { registry: self.clone(), info }, inbox)
     }
 
     /// The backend link of the session this key belongs to, if the key is genuine.
