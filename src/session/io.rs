@@ -11,11 +11,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::buffer::{IoBuf, CHUNK};
 use crate::net::Stream;
-use crate::protocol::frame::Scanner;
+use crate::protocol::frame::{FrameError, Scan, Scanner};
 
 /// One direction's input: what was read and how far its frames were walked.
+///
+/// Frames walked and forwarded stay at the front of the buffer until
+/// [`Inbound::flush`] moves them to the peer's output in one step — by handing the
+/// whole buffer over, without a copy, when the output is empty and the buffer holds
+/// only them (the usual request or result). Anything else written to that output
+/// first flushes, so order is kept.
 pub struct Inbound {
-    pub buf: IoBuf,
+    buf: IoBuf,
+    /// Bytes at the front of `buf` walked and forwarded, not yet moved.
+    walked: usize,
     pub scanner: Scanner,
     /// The rest of the current frame is dropped rather than forwarded.
     pub(super) dropping: bool,
@@ -23,7 +31,7 @@ pub struct Inbound {
 
 impl Inbound {
     pub(super) fn new(limit: u32) -> Inbound {
-        Inbound { buf: IoBuf::default(), scanner: Scanner::new(limit), dropping: false }
+        Inbound { buf: IoBuf::default(), walked: 0, scanner: Scanner::new(limit), dropping: false }
     }
 
     /// Between frames: nothing partial has been passed on.
@@ -31,23 +39,66 @@ impl Inbound {
         self.scanner.at_boundary()
     }
 
-    /// Moves the frame at the front (`total` bytes, maybe not all read yet: the rest
-    /// follows as body) to `out`, or drops it. Returns the bytes forwarded.
+    /// Looks at the next frame (or the next piece of the current one).
+    pub fn scan(&mut self) -> Result<Scan, FrameError> {
+        self.scanner.scan(&self.buf.bytes()[self.walked..])
+    }
+
+    /// The bytes not walked yet.
+    pub fn data(&self) -> &[u8] {
+        &self.buf.bytes()[self.walked..]
+    }
+
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        let walked = self.walked;
+        &mut self.buf.bytes_mut()[walked..]
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.walked
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Passes the frame at the front (`total` bytes, maybe not all read yet: the rest
+    /// follows as body) on to `out`, or drops it. Returns the bytes forwarded.
     pub(super) fn pass_frame(&mut self, total: usize, drop: bool, out: &mut IoBuf) -> usize {
-        let n = self.scanner.pass(total, self.buf.len());
+        let n = self.scanner.pass(total, self.len());
         self.dropping = drop;
         self.pass_body(n, out)
     }
 
-    /// Moves `n` bytes of the current frame to `out`, or drops them.
+    /// Passes `n` bytes of the current frame on to `out`, or drops them.
     pub(super) fn pass_body(&mut self, n: usize, out: &mut IoBuf) -> usize {
-        let forwarded = if self.dropping { 0 } else { n };
-        out.extend(&self.buf.bytes()[..forwarded]);
-        self.buf.consume(n);
+        let forwarded = if self.dropping {
+            self.flush(out);
+            self.buf.consume(n);
+            0
+        } else {
+            self.walked += n;
+            n
+        };
         if self.at_boundary() {
             self.dropping = false;
         }
         forwarded
+    }
+
+    /// Moves what was passed on into `out`.
+    pub(super) fn flush(&mut self, out: &mut IoBuf) {
+        if self.walked == 0 {
+            return;
+        }
+        if out.is_empty() && self.walked == self.buf.len() {
+            std::mem::swap(out, &mut self.buf);
+            self.buf.release();
+        } else {
+            out.extend(&self.buf.bytes()[..self.walked]);
+            self.buf.consume(self.walked);
+        }
+        self.walked = 0;
     }
 }
 

@@ -14,7 +14,6 @@
 //! there between whole frames, so ordering is never in doubt. Every write to a
 //! stream that can buffer (TLS) is flushed before the relay waits.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -26,7 +25,7 @@ use super::io::{poll_in, poll_out, write_out, Inbound};
 use super::ended::{self, Ended};
 use super::params::Params;
 use super::pipeline::{Answer, Backend, Frontend, Pipeline};
-use super::registry::{SessionInfo, TxState};
+use super::registry::{bump, SessionInfo, TxState};
 use crate::backend::BackendTarget;
 use crate::gate::Gate;
 use crate::net::Stream;
@@ -214,7 +213,7 @@ impl Relay {
     /// The backend may be swapped, or asked about the session's state, now: nothing
     /// owed, no partial frame in either direction towards or from it.
     pub fn movable(&self) -> bool {
-        self.quiescent() && self.from_client.at_boundary() && self.from_backend.at_boundary() && self.from_backend.buf.is_empty() && self.to_backend.is_empty()
+        self.quiescent() && self.from_client.at_boundary() && self.from_backend.at_boundary() && self.from_backend.is_empty() && self.to_backend.is_empty()
     }
 
     /// Publishes quiescence for the gate; wakes a drain that may be waiting.
@@ -239,6 +238,7 @@ impl Relay {
         // after a write alone would only find every socket Pending. A side whose
         // read returned Pending has its waker set: later turns of this poll skip it.
         let (mut backend_waits, mut client_waits) = (false, false);
+        let mut first = true;
         loop {
             let mut again = false;
             // A move waits for a whole frame from the backend: finish a partial one
@@ -253,18 +253,24 @@ impl Relay {
                     Poll::Pending => backend_waits = true,
                 }
             }
-            let read_client = if self.holding { self.from_client.buf.len() < HOLD_BUFFER } else { self.to_backend.len() < HIGH_WATER };
+            let read_client = if self.holding { self.from_client.len() < HOLD_BUFFER } else { self.to_backend.len() < HIGH_WATER };
             if read_client && !client_waits {
                 match poll_in(&mut self.client, &mut self.from_client, cx) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Event::End(End::ClientGone(None))),
                     Poll::Ready(Ok(n)) => {
-                        self.info.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        bump(&self.info.bytes_in, n as u64);
                         again = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Event::End(End::ClientGone(Some(e)))),
                     Poll::Pending => client_waits = true,
                 }
             }
+            if !again && !first {
+                // A later turn that read nothing has nothing new to walk, and the
+                // last turn's writes are done or wait with their wakers set.
+                return Poll::Pending;
+            }
+            first = false;
             if let Some(ev) = self.process_backend() {
                 return Poll::Ready(ev);
             }
@@ -298,16 +304,22 @@ impl Relay {
 
     /// Client → backend: forwards, holds or answers what the client sent.
     fn process_client(&mut self) -> Option<Event> {
+        let ev = self.walk_client();
+        self.from_client.flush(&mut self.to_backend);
+        ev
+    }
+
+    fn walk_client(&mut self) -> Option<Event> {
         loop {
             if self.holding {
-                if terminate_ahead(self.from_client.buf.bytes()) {
+                if terminate_ahead(self.from_client.data()) {
                     // The client left while held: its request is dropped, never run.
                     return Some(Event::End(End::ClientGone(None)));
                 }
                 return None;
             }
             let inb = &mut self.from_client;
-            let scan = match inb.scanner.scan(inb.buf.bytes()) {
+            let scan = match inb.scan() {
                 Ok(s) => s,
                 Err(e) => return Some(Event::End(End::ClientProtocol(e))),
             };
@@ -331,12 +343,12 @@ impl Relay {
                         continue;
                     }
                     if matches!(msg, Frontend::Query | Frontend::Parse) {
-                        let avail = inb.buf.len().min(total);
+                        let avail = inb.len().min(total);
                         if avail < total && total <= CHUNK {
                             // Whole statements only, to learn the settings they set.
                             return None;
                         }
-                        learn::custom_settings(inb.buf.bytes().get(5..avail).unwrap_or_default(), &mut self.custom);
+                        learn::custom_settings(inb.data().get(5..avail).unwrap_or_default(), &mut self.custom);
                     }
                     let starts = self.pipeline.is_idle() && !msg.is_copy() && msg != Frontend::Flush;
                     if starts && self.ended == Ended::No && self.tx == TxState::Idle {
@@ -382,6 +394,7 @@ impl Relay {
                                 continue;
                             }
                             Ended::RolledBack => {
+                                self.from_client.flush(&mut self.to_backend);
                                 message(&mut self.to_backend, b'Q', format!("{}\0", ended::PRELUDE).as_bytes());
                                 self.pipeline.sent(Frontend::Query, true);
                                 self.ended = Ended::Aborted;
@@ -403,6 +416,7 @@ impl Relay {
 
     /// Appends what the proxy answers itself (between whole frames).
     fn answer_client(&mut self, f: impl FnOnce(&mut BytesMut)) {
+        self.from_backend.flush(&mut self.to_client);
         let mut out = BytesMut::new();
         f(&mut out);
         self.to_client.extend(&out);
@@ -411,9 +425,15 @@ impl Relay {
     /// Backend → client: tracks what is owed, rewrites what the client must see
     /// differently, swallows the answers to the proxy's own requests.
     fn process_backend(&mut self) -> Option<Event> {
+        let ev = self.walk_backend();
+        self.from_backend.flush(&mut self.to_client);
+        ev
+    }
+
+    fn walk_backend(&mut self) -> Option<Event> {
         loop {
             let inb = &mut self.from_backend;
-            let scan = match inb.scanner.scan(inb.buf.bytes()) {
+            let scan = match inb.scan() {
                 Ok(s) => s,
                 Err(e) => return Some(Event::End(End::BackendProtocol(e))),
             };
@@ -421,7 +441,7 @@ impl Relay {
                 Scan::Incomplete => return None,
                 Scan::Body(n) => {
                     let sent = inb.pass_body(n, &mut self.to_client);
-                    self.info.bytes_out.fetch_add(sent as u64, Ordering::Relaxed);
+                    bump(&self.info.bytes_out, sent as u64);
                 }
                 Scan::Frame { tag, total } => {
                     let msg = Backend::of(tag);
@@ -431,7 +451,7 @@ impl Relay {
                         Backend::ParameterStatus | Backend::ErrorResponse if total <= INSPECT_LIMIT => total,
                         _ => 5,
                     };
-                    if inb.buf.len() < inspect.min(total) {
+                    if inb.len() < inspect.min(total) {
                         return None;
                     }
                     if msg == Backend::ReadyForQuery {
@@ -442,7 +462,7 @@ impl Relay {
                     match msg {
                         Backend::Notification => {
                             let own = self.backend.key.pid.to_be_bytes();
-                            let frame = self.from_backend.buf.bytes_mut();
+                            let frame = self.from_backend.data_mut();
                             if total >= 9 && frame[5..9] == own {
                                 frame[5..9].copy_from_slice(&self.info.key.pid.to_be_bytes());
                             }
@@ -450,7 +470,7 @@ impl Relay {
                         }
                         Backend::ParameterStatus => {
                             if total <= INSPECT_LIMIT {
-                                let fields = split_cstrings(&self.from_backend.buf.bytes()[5..total]);
+                                let fields = split_cstrings(&self.from_backend.data()[5..total]);
                                 if let [name, value, ..] = fields.as_slice() {
                                     self.params.set(name, value);
                                 }
@@ -459,7 +479,7 @@ impl Relay {
                         }
                         _ if answer == Answer::Ours => self.pass_backend(total, true),
                         Backend::ErrorResponse if self.cancel == Cancel::Sent && total <= INSPECT_LIMIT => {
-                            let fields = parse_fields(&self.from_backend.buf.bytes()[5..total]);
+                            let fields = parse_fields(&self.from_backend.data()[5..total]);
                             if fields.iter().any(|(c, v)| *c == b'C' && v == sqlstate::QUERY_CANCELED) {
                                 self.cancel = Cancel::Delivered;
                                 self.pass_backend(total, true);
@@ -482,11 +502,11 @@ impl Relay {
     /// Passes the backend frame at the front on to the client, or drops it.
     fn pass_backend(&mut self, total: usize, drop: bool) {
         let sent = self.from_backend.pass_frame(total, drop, &mut self.to_client);
-        self.info.bytes_out.fetch_add(sent as u64, Ordering::Relaxed);
+        bump(&self.info.bytes_out, sent as u64);
     }
 
     fn on_ready(&mut self, total: usize) {
-        let status = self.from_backend.buf.bytes()[5];
+        let status = self.from_backend.data()[5];
         let ready = self.pipeline.ready();
         match ready.answer {
             Answer::Ours => {
@@ -526,6 +546,7 @@ impl Relay {
     /// Ends the backend's transaction with the proxy's own (swallowed) requests.
     /// Only between requests, and only with no partial client frame sent on.
     fn end_transaction(&mut self) {
+        self.from_client.flush(&mut self.to_backend);
         for (tag, body) in ended::end_transaction(self.pipeline.batch_open()) {
             message(&mut self.to_backend, tag, &body);
             self.pipeline.sent(Frontend::of(tag), true);
