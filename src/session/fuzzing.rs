@@ -112,4 +112,73 @@ mod tests {
         let (_, _, end) = relay_bytes(&[b'Q', 0, 0, 0, 4], &[b'Z', 0, 0, 0, 1]).await.unwrap();
         assert!(end.contains("BackendProtocol") || end.contains("ClientGone"), "{end}");
     }
+
+    /// Polls the relay (which must not stop) until `until` is done.
+    async fn relay_until<F: std::future::Future>(relay: &mut Relay, until: F) -> F::Output {
+        tokio::pin!(until);
+        let run = async {
+            loop {
+                tokio::select! {
+                    out = &mut until => return out,
+                    ev = std::future::poll_fn(|cx| relay.poll_relay(cx)) => panic!("the relay stopped: {ev:?}"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), run).await.expect("the exchange timed out")
+    }
+
+    /// Memory follows traffic: after each exchange — a query, a result that
+    /// arrives in pieces, a pipelined batch, a result the client reads slowly —
+    /// the idle session holds no buffer.
+    #[tokio::test]
+    async fn an_idle_session_holds_no_relay_buffer() {
+        let (guard, _inbox, target, key) = lone_session().unwrap();
+        let (client_near, mut client_far) = UnixStream::pair().unwrap();
+        let (backend_near, mut backend_far) = UnixStream::pair().unwrap();
+        let gate = Arc::new(crate::gate::Gate::new());
+        let mut relay = Relay::new(guard.info.clone(), gate, Stream::Unix(client_near), BackendSide { stream: Stream::Unix(backend_near), target, key, port: crate::backend::ports::PortGuard::none() }, 1 << 20, b'I', &[]);
+        let query = frame(b'Q', b"SELECT 1\0");
+        let result = [frame(b'T', b"\0\0"), frame(b'C', b"SELECT 1\0"), frame(b'Z', b"I")].concat();
+        let batch = [frame(b'B', b"\0\0\0\0\0\0\0"), frame(b'E', b"\0\0\0\0\0"), frame(b'S', b"")].concat();
+        let batch_result = [frame(b'2', b""), frame(b'C', b"SELECT 1\0"), frame(b'Z', b"I")].concat();
+        let row = frame(b'D', &[7u8; 8000]);
+        let big = [frame(b'T', b"\0\0"), row.repeat(100), frame(b'C', b"SELECT 100\0"), frame(b'Z', b"I")].concat();
+        // (what the client sends, the pieces the backend answers with, whether the
+        // client waits before it reads)
+        let exchanges: Vec<(Vec<u8>, Vec<Vec<u8>>, bool)> = vec![
+            (query.clone(), vec![result.clone()], false),
+            (query.clone(), vec![result[..3].to_vec(), result[3..9].to_vec(), result[9..].to_vec()], false),
+            ([batch.clone(), batch.clone()].concat(), vec![[batch_result.clone(), batch_result.clone()].concat()], false),
+            (query.clone(), vec![big.clone()], true),
+        ];
+        for (i, (request, pieces, slow)) in exchanges.into_iter().enumerate() {
+            client_far.write_all(&request).await.unwrap();
+            let mut got = vec![0; request.len()];
+            relay_until(&mut relay, backend_far.read_exact(&mut got)).await.unwrap();
+            assert_eq!(got, request);
+            let answer = pieces.concat();
+            let mut back = vec![0; answer.len()];
+            let client = async {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                client_far.read_exact(&mut back).await
+            };
+            let backend = async {
+                for piece in &pieces {
+                    backend_far.write_all(piece).await?;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            let (read, wrote) = relay_until(&mut relay, async { tokio::join!(client, backend) }).await;
+            read.unwrap();
+            wrote.unwrap();
+            assert_eq!(back, answer, "exchange {i}");
+            // Nothing more to read or write: the relay waits, holding nothing.
+            let idle = std::future::poll_fn(|cx| std::task::Poll::Ready(relay.poll_relay(cx))).await;
+            assert!(idle.is_pending(), "exchange {i}: {idle:?}");
+            assert!(!relay.holds_buffers(), "exchange {i}: an idle session holds a buffer");
+        }
+    }
 }

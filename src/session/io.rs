@@ -44,6 +44,10 @@ impl Inbound {
         self.scanner.scan(&self.buf.bytes()[self.walked..])
     }
 
+    pub fn holds_memory(&self) -> bool {
+        self.buf.holds_memory()
+    }
+
     /// The bytes not walked yet.
     pub fn data(&self) -> &[u8] {
         &self.buf.bytes()[self.walked..]
@@ -143,9 +147,13 @@ pub(super) fn poll_out(s: &mut Stream, out: &mut IoBuf, unflushed: &mut bool, cx
 
 /// Reads what `s` has into `inb`. Ready(n) with n bytes read (0: end of stream).
 pub(super) fn poll_in(s: &mut Stream, inb: &mut Inbound, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-    // Most polls find nothing to read: ask the socket before taking a buffer.
+    // Most polls find nothing to read: ask the socket before taking a buffer. A
+    // side that waits gives back a buffer it emptied (an idle session holds none).
     match s.poll_read_ready(cx) {
-        Poll::Pending => return Poll::Pending,
+        Poll::Pending => {
+            inb.buf.release();
+            return Poll::Pending;
+        }
         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
         Poll::Ready(Ok(())) => {}
     }

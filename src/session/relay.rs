@@ -216,6 +216,12 @@ impl Relay {
         self.quiescent() && self.from_client.at_boundary() && self.from_backend.at_boundary() && self.from_backend.is_empty() && self.to_backend.is_empty()
     }
 
+    /// Whether any of the session's buffers holds an allocation (an idle session
+    /// should hold none: memory follows traffic).
+    pub fn holds_buffers(&self) -> bool {
+        self.from_client.holds_memory() || self.from_backend.holds_memory() || self.to_client.holds_memory() || self.to_backend.holds_memory()
+    }
+
     /// Publishes quiescence for the gate; wakes a drain that may be waiting.
     pub fn publish(&mut self) {
         let busy = !self.quiescent();
