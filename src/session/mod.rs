@@ -171,7 +171,7 @@ impl Session {
             let holding = relay.holding;
             let step = tokio::select! {
                 biased;
-                Some(c) = self.control.recv() => Step::Control(c),
+                c = self.control.recv() => Step::Control(c),
                 _ = self.gate_rx.changed(), if holding => Step::GateChanged,
                 ev = std::future::poll_fn(|cx| relay.poll_relay(cx)) => Step::Relay(ev),
             };

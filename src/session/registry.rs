@@ -131,8 +131,7 @@ pub struct SessionInfo {
     pub xacts: AtomicU64,
     /// Held at the gate since (for SHOW SESSIONS).
     held_since: Mutex<Option<(Instant, SystemTime)>>,
-    control: super::inbox::Outbox,
-    pub(super) bell: super::inbox::Bell,
+    pub(super) mailbox: super::inbox::Mailbox,
     /// What the session logged in with, to log in elsewhere on its behalf.
     pub startup_params: super::params::Params,
     pub creds: crate::auth::BackendCredentials,
@@ -200,7 +199,7 @@ impl SessionInfo {
 
     /// Sends a control request to the session; false if it has ended.
     pub fn control(&self, c: Control) -> bool {
-        self.control.send(&self.bell, c)
+        self.mailbox.send(c)
     }
 
     pub fn backend(&self) -> BackendLink {
@@ -272,7 +271,6 @@ impl Registry {
     /// Registers a session under a freshly minted, unique cancel key. The returned
     /// guard unregisters it when dropped.
     pub fn register(self: &Arc<Self>, new: NewSession) -> (SessionGuard, super::inbox::Inbox) {
-        let (control, control_rx) = super::inbox::channel();
         let mut rng = rand::thread_rng();
         let mut map = self.lock();
         let tag = i32::from(self.tag.load(Ordering::Relaxed));
@@ -299,13 +297,12 @@ impl Registry {
             queries: AtomicU64::new(0),
             xacts: AtomicU64::new(0),
             held_since: Mutex::new(None),
-            control,
-            bell: Default::default(),
+            mailbox: Default::default(),
             startup_params: new.startup_params,
             creds: new.creds,
         });
         map.insert(pid, info.clone());
-        let inbox = super::inbox::Inbox::new(control_rx, info.clone());
+        let inbox = super::inbox::Inbox::new(info.clone());
         (SessionGuard { registry: self.clone(), info }, inbox)
     }
 
