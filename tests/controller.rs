@@ -556,3 +556,34 @@ async fn the_fence_terminates_a_bypassing_session_and_spares_a_walsender_of_the_
     let login: bool = blue.query_one("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'fence_app'", &[]).await.unwrap().get(0);
     assert!(login, "fence_app has LOGIN again after the rehearsal");
 }
+
+/// A request that passed the gate before it closed runs read-write, however late
+/// its backend reads it: here it waits behind a statement still running when the
+/// pause begins. The source turns read-only (the fence's reload) only once the
+/// drain is done; a backend applies a reload before the next message it reads, so
+/// a reload during the drain made this transaction read-only (25006).
+#[tokio::test]
+async fn a_request_queued_behind_a_running_one_at_the_pause_runs_read_write() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "ctl_queued";
+    replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    // The pause begins while the first statement runs (the prewarm waits 5 s for a
+    // busy session, then goes on), and the drain waits for it.
+    let proxy = f.proxy(|c| c.cutover.drain_timeout = Duration::from_secs(20)).await;
+    let c = proxy.connect(db).await;
+    // Sent together: the second waits in the backend's socket while the first runs.
+    let running = c.simple_query("SELECT pg_sleep(7)");
+    let queued = c.batch_execute("BEGIN; INSERT INTO t (v) VALUES (1); COMMIT");
+    let cut = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cutover(&proxy, "green").await
+    };
+    let (ran, wrote, report) = tokio::join!(running, queued, cut);
+    ran.expect("the running statement finished");
+    wrote.expect("the queued transaction ran read-write on the source");
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    let n: i64 = f.green().connect(db).await.unwrap().query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1, "the row reached the target");
+    c.batch_execute("INSERT INTO t (v) VALUES (2)").await.expect("the session goes on on the target");
+}

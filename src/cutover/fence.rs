@@ -114,8 +114,6 @@ pub struct Plan<'a> {
     /// out): theirs, never terminated.
     pub also_ours: &'a [i32],
     pub admin_user: &'a str,
-    /// How long the reload may take to apply.
-    pub reload_bound: Duration,
 }
 
 /// Fences the source through `src`, journaling each side effect before making it.
@@ -182,13 +180,23 @@ pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: 
         strangers = usize::try_from(row.get::<_, i64>(0)).unwrap_or(0);
     }
     hooks.at("fence.terminate").await?;
+    Ok(Fenced { roles, terminated: strangers })
+}
+
+/// The fence's last step: the source reloads its configuration and is read-only
+/// from then on. Only once the drain is done (every member's, in a fleet): a
+/// backend applies a reload before the next message it reads, so a request that
+/// passed the gate before it closed but still waited in its backend's socket (a
+/// pipeline behind a long statement, a busy machine) would start a read-only
+/// transaction and fail with 25006.
+pub async fn reload(src: &Client, bound: Duration, hooks: &Hooks) -> Result<(), CutoverError> {
     // One round trip: this backend's load time only changes when it handles the
     // reload's signal, at its next command, so reading it with the reload is safe.
     let before: String = src.query_one("SELECT pg_conf_load_time()::text, pg_reload_conf()", &[]).await?.get(0);
     hooks.at("fence.reload").await?;
-    reloaded(src, &before, plan.reload_bound).await?;
+    reloaded(src, &before, bound).await?;
     hooks.at("fence.reloaded").await?;
-    Ok(Fenced { roles, terminated: strangers })
+    Ok(())
 }
 
 /// Opens the target to the application before a cutover moves there. A target

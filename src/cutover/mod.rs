@@ -2,7 +2,7 @@
 //! replication publisher) to the target (its subscriber).
 //!
 //! preflight → prewarm (a target connection per session, the session's state
-//! copied onto it) → pause → drain ∥ fence → catch-up → sequences → repoint →
+//! copied onto it) → pause → drain ∥ fence → reload → catch-up → sequences → repoint →
 //! resume → sessions adopt their prepared connections. Nothing per session runs
 //! inside the pause: a session whose copy is current swaps connections at its next
 //! request; one that ran anything since its copy copies again then.
@@ -448,8 +448,8 @@ impl Run {
             self.phase = Phase::Fleet;
             return self.fleet_drained(drained.drain, drained.cancelled.len(), cut.max_pause).await;
         }
-        // The fence runs while the drain does: a transaction already running keeps
-        // its read-write state until it ends (see fence.rs).
+        // The fence runs while the drain does, all but its reload, which waits for
+        // the drain (see fence::reload).
         let roles = self.roles();
         let keep: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
         let (journal, hooks, db, fleet) = (&mut self.journal, &self.hooks, &self.databases[0], &self.fleet);
@@ -464,7 +464,7 @@ impl Run {
             // fence spares every member's backends.
             let others = Run::fleet_all_closed(fleet, cut.drain_timeout + Duration::from_secs(5)).await?;
             let keep: Vec<i32> = keep.iter().chain(&others.pids).copied().collect();
-            let plan = fence::Plan { database: &db.name, roles: &roles, keep_pids: &keep, also_ours: &others.ports, admin_user, reload_bound: cut.max_pause };
+            let plan = fence::Plan { database: &db.name, roles: &roles, keep_pids: &keep, also_ours: &others.ports, admin_user };
             fence::fence(&db.src, &plan, journal, hooks).await.map(|f| (Some(f), started.elapsed()))
         };
         let (drained, fenced) = tokio::join!(drain, fence);
@@ -473,15 +473,26 @@ impl Run {
         self.report.sessions_cancelled = drained.cancelled.len();
         self.report.phases.push(report::Phase { name: Phase::Drain.as_str(), ms: ms(drained.drain) });
         self.phase = Phase::Fence;
-        if let (Some(f), took) = fenced? {
-            self.report.fenced_roles = f.roles;
-            self.report.terminated = f.terminated;
-            self.report.phases.push(report::Phase { name: Phase::Fence.as_str(), ms: ms(took) });
-        }
+        let fence_took = match fenced? {
+            (Some(f), took) => {
+                self.report.fenced_roles = f.roles;
+                self.report.terminated = f.terminated;
+                Some(took)
+            }
+            (None, _) => None,
+        };
         self.hooks.at("drain").await?;
         // The leader goes on once every member has drained.
         self.phase = Phase::Fleet;
         self.fleet_drained(drain_took, self.report.sessions_cancelled, cut.drain_timeout + Duration::from_secs(5)).await?;
+        if let Some(took) = fence_took {
+            // Read-only from here: nothing of the application's runs or waits on
+            // the source any more (see fence::reload).
+            self.phase = Phase::Fence;
+            let started = Instant::now();
+            fence::reload(&self.databases[0].src, cut.max_pause, &self.hooks).await?;
+            self.report.phases.push(report::Phase { name: Phase::Fence.as_str(), ms: ms(took + started.elapsed()) });
+        }
         if self.physical {
             return self.switchover_steps().await;
         }
