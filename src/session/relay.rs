@@ -9,8 +9,9 @@
 //! backend swap: only `backend` changes.
 //!
 //! Each direction reads into a pooled buffer, walks whole frames with the scanner,
-//! looks only at the few messages the proxy must understand, and copies what it
-//! forwards into the peer's output buffer. What the proxy says itself is appended
+//! looks only at the few messages the proxy must understand, and moves what it
+//! forwards to the peer's output buffer (handing the buffer itself over when it
+//! holds nothing else). What the proxy says itself is appended
 //! there between whole frames, so ordering is never in doubt. Every write to a
 //! stream that can buffer (TLS) is flushed before the relay waits.
 
