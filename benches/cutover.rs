@@ -354,7 +354,9 @@ async fn through_proxy(blue: u16, green: u16, standby: bool, db: &str, n: usize,
     let idle = idle_sessions(handle.tcp_addr.port(), db, n, true).await?;
     let proxy = handle.proxy.clone();
     // Where the time goes between the cutover's await points (its test hooks).
-    let points: std::sync::Arc<std::sync::Mutex<Vec<(&'static str, std::time::Instant, f64)>>> = Default::default();
+    // (hook point, when, wall-clock seconds)
+    type Points = std::sync::Arc<std::sync::Mutex<Vec<(&'static str, std::time::Instant, f64)>>>;
+    let points: Points = Default::default();
     let seen = points.clone();
     proxy.cutover.set_hook(Some(std::sync::Arc::new(move |at| {
         seen.lock().unwrap_or_else(|p| p.into_inner()).push((at, std::time::Instant::now(), now()));

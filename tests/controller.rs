@@ -549,7 +549,7 @@ async fn the_fence_terminates_a_bypassing_session_and_spares_a_walsender_of_the_
     assert_eq!(report["outcome"], "rehearsed", "{report:#?}");
     assert_eq!(report["terminated"], "1", "the bypassing session, and nothing else: {report:#?}");
     let err = bypass.batch_execute("SELECT 1").await.expect_err("the bypassing session was terminated");
-    assert!(err.as_db_error().map_or(true, |e| e.code().code() == "57P01"), "{err:?}");
+    assert!(err.as_db_error().is_none_or(|e| e.code().code() == "57P01"), "{err:?}");
     assert_eq!(walsender().await, before, "the walsender of the same role was spared");
     c.batch_execute("INSERT INTO t (v) VALUES (2)").await.expect("the proxy's session saw only a delay");
     blue_writable(f, db).await;

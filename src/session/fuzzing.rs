@@ -117,11 +117,9 @@ mod tests {
     async fn relay_until<F: std::future::Future>(relay: &mut Relay, until: F) -> F::Output {
         tokio::pin!(until);
         let run = async {
-            loop {
-                tokio::select! {
-                    out = &mut until => return out,
-                    ev = std::future::poll_fn(|cx| relay.poll_relay(cx)) => panic!("the relay stopped: {ev:?}"),
-                }
+            tokio::select! {
+                out = &mut until => out,
+                ev = std::future::poll_fn(|cx| relay.poll_relay(cx)) => panic!("the relay stopped: {ev:?}"),
             }
         };
         tokio::time::timeout(Duration::from_secs(10), run).await.expect("the exchange timed out")
