@@ -569,8 +569,14 @@ async fn a_request_queued_behind_a_running_one_at_the_pause_runs_read_write() {
     let db = "ctl_queued";
     replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
     // The pause begins while the first statement runs (the prewarm waits 5 s for a
-    // busy session, then goes on), and the drain waits for it.
-    let proxy = f.proxy(|c| c.cutover.drain_timeout = Duration::from_secs(20)).await;
+    // busy session, then goes on), and the drain waits for it: a pause of several
+    // seconds, well within bounds set wide so that a busy machine cannot fail it.
+    let proxy = f
+        .proxy(|c| {
+            c.cutover.drain_timeout = Duration::from_secs(30);
+            c.cutover.max_pause = Duration::from_secs(60);
+        })
+        .await;
     let c = proxy.connect(db).await;
     // Sent together: the second waits in the backend's socket while the first runs.
     let running = c.simple_query("SELECT pg_sleep(7)");
