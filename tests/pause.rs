@@ -301,6 +301,10 @@ async fn after_copy_in_through_the_extended_protocol_a_pause_drains_at_once_and_
         sink.send(bytes::Bytes::from_static(b"1\n2\n")).await.unwrap();
         assert_eq!(sink.finish().await.unwrap(), 2);
     }
+    // `finish` returns at CommandComplete; the ReadyForQuery after it may still be
+    // on its way (a busy server sends it late).
+    let idle = || async { proxy.admin("SHOW SESSIONS").await.unwrap().iter().all(|r| r[5].as_deref() == Some("idle")) };
+    assert!(common::eventually(10, idle).await, "the COPY never ended: {:?}", proxy.admin("SHOW SESSIONS").await);
     let rows = proxy.admin("PAUSE 300ms").await.expect("no session in flight");
     assert_eq!(rows[0][2].as_deref(), Some("0"), "{rows:?}");
     let c2 = c.clone();
