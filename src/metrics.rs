@@ -68,6 +68,8 @@ pub fn render(proxy: &Proxy) -> String {
     for (state, n) in [("active", active), ("idle", idle), ("idle_in_transaction", in_tx), ("held", held)] {
         let _ = writeln!(out, "pgcutover_client_connections{{state=\"{state}\"}} {n}");
     }
+    metric(&mut out, "express_sessions", "gauge", "Client sessions relaying on an express lane now (the rest are on tokio: holding, moving, TLS).");
+    let _ = writeln!(out, "pgcutover_express_sessions {}", proxy.shards().map_or(0, |s| s.express()));
     metric(&mut out, "server_connections", "gauge", "Backend connections by backend (one per client session).");
     let config = proxy.config();
     for name in config.backends.keys() {

@@ -8,6 +8,9 @@
 //! loops hand each new connection to the shard with the fewest, as a plain socket:
 //! it is registered with that shard's event loop, never with the acceptor's.
 //!
+//! Each shard also has an express lane (`session::express`): a thread of its own
+//! where the shard's sessions relay between cutovers, on an epoll set of its own.
+//!
 //! The control plane (the cutover, the console's commands, the fleet) talks to
 //! sessions through channels and atomics, which work across runtimes.
 
@@ -17,7 +20,9 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
+pub use crate::net::Socket;
 use crate::net::Stream;
+use crate::session::express::Lane;
 
 struct Shard {
     handle: tokio::runtime::Handle,
@@ -25,35 +30,12 @@ struct Shard {
     live: Arc<AtomicUsize>,
     /// Dropped to stop the shard's thread.
     _stop: oneshot::Sender<()>,
+    /// Where the shard's sessions relay between cutovers; stops when dropped.
+    lane: Arc<Lane>,
 }
 
 pub struct Shards {
     shards: Vec<Shard>,
-}
-
-/// A connection before it is registered with an event loop.
-pub enum Socket {
-    Tcp(std::net::TcpStream),
-    Unix(std::os::unix::net::UnixStream),
-}
-
-impl Socket {
-    /// Takes a connection off the event loop that accepted it.
-    pub fn detach(s: Stream) -> std::io::Result<Socket> {
-        match s {
-            Stream::Tcp(t) => Ok(Socket::Tcp(t.into_std()?)),
-            Stream::Unix(u) => Ok(Socket::Unix(u.into_std()?)),
-            _ => Err(std::io::Error::other("only a plain socket can move to another event loop")),
-        }
-    }
-
-    /// Registers it with the current runtime's event loop.
-    fn attach(self) -> std::io::Result<Stream> {
-        match self {
-            Socket::Tcp(t) => Ok(Stream::Tcp(tokio::net::TcpStream::from_std(t)?)),
-            Socket::Unix(u) => Ok(Stream::Unix(tokio::net::UnixStream::from_std(u)?)),
-        }
-    }
 }
 
 /// Decrements a shard's count when its connection ends (however its task ends).
@@ -74,14 +56,23 @@ impl Shards {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().thread_name(format!("pgcutover-shard-{i}")).build()?;
             let handle = rt.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
+            let lane = Arc::new(Lane::start(format!("pgcutover-lane-{i}"))?);
+            let ours = lane.clone();
             std::thread::Builder::new().name(format!("pgcutover-shard-{i}")).spawn(move || {
+                ours.enter();
+                drop(ours);
                 rt.block_on(async {
                     let _ = stopped.await;
                 });
             })?;
-            shards.push(Shard { handle, live: Arc::new(AtomicUsize::new(0)), _stop: stop });
+            shards.push(Shard { handle, live: Arc::new(AtomicUsize::new(0)), _stop: stop, lane });
         }
         Ok(Shards { shards })
+    }
+
+    /// Sessions riding the shards' express lanes now.
+    pub fn express(&self) -> usize {
+        self.shards.iter().map(|s| s.lane.riding()).sum()
     }
 
     /// Connections running on each shard.

@@ -54,6 +54,43 @@ async fn repeated_pause_resume_under_pgbench_load_fails_no_transaction() {
     assert!(!status(&stats, "hold_ms_p99").is_empty());
 }
 
+/// Sessions relaying on the proxy's express lanes now (SHOW STATS).
+async fn express(proxy: &TestProxy) -> String {
+    status(&proxy.admin("SHOW STATS").await.unwrap(), "express_sessions")
+}
+
+/// Between requests a session relays on its shard's express lane, off tokio; a
+/// request held at a pause brings it home, and once the pause is over it rides
+/// again — every request answered once, in order.
+#[tokio::test]
+async fn a_session_leaves_the_express_lane_to_hold_and_rides_it_again_after_resume() {
+    let f = fixture();
+    let db = f.database("pause_express").await;
+    let proxy = f.proxy(|_| {}).await;
+    let c = proxy.connect(&db).await;
+    c.batch_execute("CREATE TABLE marks (n int)").await.unwrap();
+    assert!(common::eventually(10, || async { express(&proxy).await == "1" }).await, "an idle session is not on its lane: {}", express(&proxy).await);
+
+    proxy.admin("PAUSE").await.unwrap();
+    let insert = tokio::spawn(async move {
+        c.execute("INSERT INTO marks VALUES (1)", &[]).await.unwrap();
+        c
+    });
+    assert!(common::eventually(10, || async { express(&proxy).await == "0" }).await, "a held session is still on its lane");
+    let sessions = proxy.admin("SHOW SESSIONS").await.unwrap();
+    assert!(sessions.iter().any(|r| r[5].as_deref() == Some("held")), "{sessions:?}");
+    assert_eq!(count(f, &db, "SELECT count(*) FROM marks").await, 0, "the held insert ran during the pause");
+
+    proxy.admin("RESUME").await.unwrap();
+    let c = insert.await.unwrap();
+    assert!(common::eventually(10, || async { express(&proxy).await == "1" }).await, "the session did not ride again after the pause");
+    for n in 2..=50 {
+        c.execute("INSERT INTO marks VALUES ($1)", &[&n]).await.unwrap();
+    }
+    let rows = c.query("SELECT n FROM marks ORDER BY n", &[]).await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.get::<_, i32>(0)).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
+}
+
 #[tokio::test]
 async fn a_held_query_waits_for_resume_and_runs_exactly_once() {
     let f = fixture();

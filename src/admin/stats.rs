@@ -32,6 +32,7 @@ pub fn show(proxy: &Arc<Proxy>) -> ResultSet {
         ("cancelled_for_pause".into(), s.cancelled_for_pause.to_string()),
         ("held_requests".into(), s.held_requests.to_string()),
         ("sessions".into(), proxy.sessions.len().to_string()),
+        ("express_sessions".into(), proxy.shards().map_or(0, |s| s.express()).to_string()),
     ];
     for (name, h) in [("pause", &s.pause_us), ("drain", &s.drain_us), ("hold", &s.hold_us)] {
         pairs.push((format!("{name}_ms_p50"), ms(h, 0.5)));

@@ -1,9 +1,11 @@
 //! A client session after login: connect its backend, introduce the backend to the
-//! client, relay until either side ends — holding at a closed gate, and moving to
-//! another backend in place when a cutover asks — and end the other side cleanly.
+//! client, relay until either side ends — on its shard's express lane between
+//! cutovers, holding at a closed gate, and moving to another backend in place when
+//! a cutover asks — and end the other side cleanly.
 
 pub mod buffer;
 pub mod ended;
+pub mod express;
 pub mod fuzzing;
 mod inbox;
 mod learn;
@@ -44,16 +46,20 @@ pub async fn fail(stream: &mut Stream, err: &PgError) {
 pub async fn run(proxy: Arc<Proxy>, login: Login) {
     // Cold, large futures are boxed: an idle session's task holds only the relay
     // loop's state (memory per idle session is what PgBouncer is measured by).
-    let Some((mut session, guard, permit)) = Box::pin(start(proxy, login)).await else { return };
-    let end = session.relay_loop().await;
+    let Some((session, mut inbox, guard, permit)) = Box::pin(start(proxy, login)).await else { return };
+    let Some((session, end)) = session.relay_loop(&mut inbox).await else {
+        tracing::debug!(session = guard.info.id, "session dropped with its express lane");
+        return;
+    };
     Box::pin(session.finish(end)).await;
+    drop(inbox);
     drop(permit);
     tracing::debug!(session = guard.info.id, "session ended");
 }
 
 /// Connects the backend, registers the session and introduces the backend to the
 /// client. None if the session ends before it starts.
-async fn start(proxy: Arc<Proxy>, mut login: Login) -> Option<(Session, registry::SessionGuard, tokio::sync::OwnedSemaphorePermit)> {
+async fn start(proxy: Arc<Proxy>, mut login: Login) -> Option<(Box<Session>, inbox::Inbox, registry::SessionGuard, tokio::sync::OwnedSemaphorePermit)> {
     // During a cutover's pause a new session logs in where the cutover goes (the
     // source is being fenced): its login completes and its first request holds at
     // the gate like any other; if the cutover rolls back, that request moves it to
@@ -125,21 +131,21 @@ async fn start(proxy: Arc<Proxy>, mut login: Login) -> Option<(Session, registry
     let mut relay = relay;
     // On the active backend as of `route`; else its first request looks again.
     relay.route_seen = if target.name == proxy.active_backend().name { route } else { 0 };
-    let mut session = Session { gate_rx: proxy.gate().subscribe(), proxy, relay, control, prewarmed: None, prepare_reply: None, migrate_reply: None };
+    let mut session = Box::new(Session { gate_rx: proxy.gate().subscribe(), proxy, relay, prewarmed: None, prepare_reply: None, migrate_reply: None, lane_ok: true });
     if session.proxy.is_shutting_down() {
         session.relay.want.shutdown = true;
     }
-    Some((session, guard, login.permit))
+    Some((session, control, guard, login.permit))
 }
 
 /// How long a copy of a session's state may wait for the server it goes to.
 const COPY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A session's task: the relay and what talks to it.
+/// A session: the relay and what talks to it. Its task keeps it, or lends it whole
+/// to an express lane (the task keeps only the mailbox then).
 struct Session {
     proxy: Arc<Proxy>,
     relay: Relay,
-    control: inbox::Inbox,
     gate_rx: watch::Receiver<bool>,
     /// A connection to a cutover's target, maybe with the session's state on it.
     prewarmed: Option<Box<Prewarmed>>,
@@ -147,12 +153,17 @@ struct Session {
     prepare_reply: Option<oneshot::Sender<Result<(), String>>>,
     /// Who waits to hear that the session runs on the active backend.
     migrate_reply: Option<oneshot::Sender<Moved>>,
+    /// The session may ride its shard's express lane (false once a lane could not
+    /// take it).
+    lane_ok: bool,
 }
 
 enum Step {
     Control(Control),
     GateChanged,
     Relay(Event),
+    /// Back from an express lane with nothing to do.
+    Returned,
 }
 
 impl Session {
@@ -160,88 +171,127 @@ impl Session {
         &self.relay.info
     }
 
-    /// Relays until the session ends.
+    /// Relays until the session ends — on the shard's express lane whenever it
+    /// may ride it, else here. None: the session went with its lane (the proxy is
+    /// going away).
+    async fn relay_loop(mut self: Box<Self>, inbox: &mut inbox::Inbox) -> Option<(Box<Session>, End)> {
+        let mut recalled_by = None;
+        loop {
+            let step = match (recalled_by.take(), self.lane()) {
+                (Some(c), _) => Step::Control(c),
+                (None, Some(lane)) => {
+                    let ride = express::ride(self, lane, inbox).await?;
+                    self = ride.session;
+                    recalled_by = ride.recalled_by;
+                    ride.step
+                }
+                (None, None) => self.next_step(inbox).await,
+            };
+            if let Some(end) = self.take(step).await {
+                return Some((self, end));
+            }
+        }
+    }
+
+    /// The shard's express lane, if the session may ride it now: plain sockets,
+    /// the gate open, nothing held, wanted or prepared.
+    fn lane(&self) -> Option<Arc<express::Shared>> {
+        let r = &self.relay;
+        let may = self.lane_ok && !r.holding && !r.want.any() && self.prewarmed.is_none() && r.client.is_plain() && r.backend.stream.is_plain() && !r.gate.is_closed();
+        if may {
+            express::here()
+        } else {
+            None
+        }
+    }
+
+    /// The next step on tokio.
     ///
     /// Cancellation safety: each arm of the `select!` is cancel-safe — a control
     /// message or gate change is not consumed unless its arm wins, and the relay's
     /// poll keeps all its state in `self.relay`.
-    async fn relay_loop(&mut self) -> End {
-        loop {
-            let relay = &mut self.relay;
-            let holding = relay.holding;
-            let step = tokio::select! {
-                biased;
-                c = self.control.recv() => Step::Control(c),
-                _ = self.gate_rx.changed(), if holding => Step::GateChanged,
-                ev = std::future::poll_fn(|cx| relay.poll_relay(cx)) => Step::Relay(ev),
-            };
-            match step {
-                Step::Control(Control::Kill) => return End::Shutdown,
-                Step::Control(Control::Shutdown) => {
-                    self.relay.want.shutdown = true;
-                    if self.relay.holding {
-                        return End::Shutdown;
-                    }
-                }
-                Step::Control(Control::CancelForPause) => {
-                    if let Some(key) = self.relay.cancel_for_pause() {
-                        let target = self.relay.backend.target.clone();
-                        tokio::spawn(async move { target.cancel(key).await });
-                    }
-                }
-                Step::Control(Control::Prepare(conn, reply)) => {
-                    self.discard();
-                    self.prewarmed = Some(conn);
-                    self.prepare_reply = Some(reply);
-                    self.relay.want.prepare = true;
-                }
-                Step::Control(Control::Discard) => self.discard(),
-                Step::Control(Control::Migrate(reply)) => {
-                    if self.proxy.active_backend().name == self.relay.backend.target.name {
-                        let _ = reply.send(Moved::Moved);
-                    } else {
-                        self.migrate_reply = Some(reply);
-                        self.relay.want.migrate = true;
-                    }
-                }
-                Step::GateChanged => {
-                    if *self.gate_rx.borrow_and_update() {
-                        self.release();
-                    }
-                }
-                Step::Relay(Event::Hold) => {
-                    self.relay.gate.held(&self.relay.info);
-                    if self.relay.want.shutdown {
-                        return End::Shutdown;
-                    }
-                    // The gate may have opened since the relay looked.
-                    if *self.gate_rx.borrow_and_update() && !self.relay.gate.is_closed() {
-                        self.release();
-                    }
-                }
-                Step::Relay(Event::Ready) => {
-                    if self.relay.want.shutdown && self.relay.client_idle() {
-                        return End::Shutdown;
-                    }
-                    if self.relay.want.prepare {
-                        self.relay.want.prepare = false;
-                        Box::pin(self.prepare()).await;
-                    }
-                    if self.relay.want.migrate {
-                        self.relay.want.migrate = false;
-                        if let Err(end) = Box::pin(self.reroute()).await {
-                            return end;
-                        }
-                    }
-                }
-                Step::Relay(Event::Reroute) => {
-                    if let Err(end) = Box::pin(self.reroute()).await {
-                        return end;
-                    }
-                }
-                Step::Relay(Event::End(end)) => return end,
-            }
+    async fn next_step(&mut self, inbox: &mut inbox::Inbox) -> Step {
+        let relay = &mut self.relay;
+        // A session that may ride a lane looks again when the gate opens.
+        let watch_gate = relay.holding || self.lane_ok;
+        tokio::select! {
+            biased;
+            c = inbox.recv() => Step::Control(c),
+            _ = self.gate_rx.changed(), if watch_gate => Step::GateChanged,
+            ev = std::future::poll_fn(|cx| relay.poll_relay(cx)) => Step::Relay(ev),
         }
+    }
+
+    /// Takes a step; Some when the session ends.
+    async fn take(&mut self, step: Step) -> Option<End> {
+        match step {
+            Step::Returned => {}
+            Step::Control(Control::Kill) => return Some(End::Shutdown),
+            Step::Control(Control::Shutdown) => {
+                self.relay.want.shutdown = true;
+                if self.relay.holding {
+                    return Some(End::Shutdown);
+                }
+            }
+            Step::Control(Control::CancelForPause) => {
+                if let Some(key) = self.relay.cancel_for_pause() {
+                    let target = self.relay.backend.target.clone();
+                    tokio::spawn(async move { target.cancel(key).await });
+                }
+            }
+            Step::Control(Control::Prepare(conn, reply)) => {
+                self.discard();
+                self.prewarmed = Some(conn);
+                self.prepare_reply = Some(reply);
+                self.relay.want.prepare = true;
+            }
+            Step::Control(Control::Discard) => self.discard(),
+            Step::Control(Control::Migrate(reply)) => {
+                if self.proxy.active_backend().name == self.relay.backend.target.name {
+                    let _ = reply.send(Moved::Moved);
+                } else {
+                    self.migrate_reply = Some(reply);
+                    self.relay.want.migrate = true;
+                }
+            }
+            Step::GateChanged => {
+                if *self.gate_rx.borrow_and_update() {
+                    self.release();
+                }
+            }
+            Step::Relay(Event::Hold) => {
+                self.relay.gate.held(&self.relay.info);
+                if self.relay.want.shutdown {
+                    return Some(End::Shutdown);
+                }
+                // The gate may have opened since the relay looked.
+                if *self.gate_rx.borrow_and_update() && !self.relay.gate.is_closed() {
+                    self.release();
+                }
+            }
+            Step::Relay(Event::Ready) => {
+                if self.relay.want.shutdown && self.relay.client_idle() {
+                    return Some(End::Shutdown);
+                }
+                if self.relay.want.prepare {
+                    self.relay.want.prepare = false;
+                    Box::pin(self.prepare()).await;
+                }
+                if self.relay.want.migrate {
+                    self.relay.want.migrate = false;
+                    if let Err(end) = Box::pin(self.reroute()).await {
+                        return Some(end);
+                    }
+                }
+            }
+            Step::Relay(Event::Reroute) => {
+                if let Err(end) = Box::pin(self.reroute()).await {
+                    return Some(end);
+                }
+            }
+            Step::Relay(Event::End(end)) => return Some(end),
+        }
+        None
     }
 
     /// The held request goes on.
@@ -261,7 +311,7 @@ impl Session {
     }
 
     /// Ends the other side cleanly once one side has ended.
-    async fn finish(mut self, end: End) {
+    async fn finish(mut self: Box<Self>, end: End) {
         self.release();
         let relay = &mut self.relay;
         let backend_name = relay.backend.target.name.clone();

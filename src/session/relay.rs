@@ -6,7 +6,8 @@
 //! event: a request to hold, a point where the session may move, or an end. It keeps
 //! no state of its own between polls, so dropping it in a `select!` loses nothing.
 //! The client side — its stream, buffers and any partial frame — lives across a
-//! backend swap: only `backend` changes.
+//! backend swap: only `backend` changes. The same poll runs as the session's tokio
+//! task or, between cutovers, on an express lane's own event loop (`express`).
 //!
 //! Each direction reads into a pooled buffer, walks whole frames with the scanner,
 //! looks only at the few messages the proxy must understand, and moves what it
