@@ -69,52 +69,49 @@ pub struct RawStream {
 }
 
 impl RawStream {
-    fn io<T>(&mut self, mut f: impl FnMut(&Socket) -> io::Result<T>) -> Poll<io::Result<T>> {
+    /// One read or write, if the flag says it may find the socket ready: the flag
+    /// is cleared when the socket turns out empty or full, or when `drained` says
+    /// the call moved fewer bytes than it could have (as tokio does: the next edge
+    /// says when there is more).
+    fn attempt(sock: &Socket, ready: &mut bool, mut f: impl FnMut(&Socket) -> io::Result<usize>, drained: impl Fn(usize) -> bool) -> Poll<io::Result<usize>> {
+        if !*ready {
+            return Poll::Pending;
+        }
         loop {
-            match f(&self.sock) {
+            match f(sock) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *ready = false;
+                    return Poll::Pending;
+                }
+                Ok(n) if drained(n) => {
+                    *ready = false;
+                    return Poll::Ready(Ok(n));
+                }
                 r => return Poll::Ready(r),
             }
         }
     }
 
-    /// Reads what the socket has; Pending (with `readable` cleared) when it has
-    /// nothing. A read that did not fill `buf` emptied the socket: the next one
-    /// waits for an edge (as tokio does).
+    /// Reads what the socket has (0: its end).
     pub fn read(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         use std::io::Read;
-        if !self.readable {
-            return Poll::Pending;
-        }
-        let r = self.io(|s| match s {
+        let len = buf.len();
+        let read = |s: &Socket| match s {
             Socket::Tcp(t) => (&*t).read(buf),
             Socket::Unix(u) => (&*u).read(buf),
-        });
-        match r {
-            Poll::Ready(Ok(n)) if n > 0 && n < buf.len() => self.readable = false,
-            Poll::Pending => self.readable = false,
-            _ => {}
-        }
-        r
+        };
+        Self::attempt(&self.sock, &mut self.readable, read, |n| n > 0 && n < len)
     }
 
-    /// Writes what the socket takes; Pending (with `writable` cleared) when it is full.
+    /// Writes what the socket takes.
     pub fn write(&mut self, buf: &[u8]) -> Poll<io::Result<usize>> {
         use std::io::Write;
-        if !self.writable {
-            return Poll::Pending;
-        }
-        let r = self.io(|s| match s {
+        let write = |s: &Socket| match s {
             Socket::Tcp(t) => (&*t).write(buf),
             Socket::Unix(u) => (&*u).write(buf),
-        });
-        match r {
-            Poll::Ready(Ok(n)) if n < buf.len() => self.writable = false,
-            Poll::Pending => self.writable = false,
-            _ => {}
-        }
-        r
+        };
+        Self::attempt(&self.sock, &mut self.writable, write, |n| n < buf.len())
     }
 }
 
@@ -277,5 +274,51 @@ impl AsyncWrite for Lost {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A raw stream tries the socket only while its flag says it may be ready, and
+    /// clears the flag when the socket turns out empty or full: the next try waits
+    /// for the lane's next edge to set it again.
+    #[test]
+    fn a_raw_stream_clears_its_flags_when_the_socket_is_empty_or_full() {
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut raw = RawStream { sock: Socket::Unix(ours), readable: true, writable: true };
+        let mut buf = [0u8; 64];
+
+        assert!(raw.read(&mut buf).is_pending(), "nothing to read yet");
+        assert!(!raw.readable);
+        theirs.write_all(b"hello").unwrap();
+        assert!(raw.read(&mut buf).is_pending(), "no edge seen: the socket is not tried");
+        raw.readable = true;
+        assert!(matches!(raw.read(&mut buf), Poll::Ready(Ok(5))));
+        assert_eq!(&buf[..5], b"hello");
+        assert!(!raw.readable, "a short read emptied the socket");
+
+        let chunk = [7u8; 4096];
+        let mut sent = 0;
+        while let Poll::Ready(n) = raw.write(&chunk) {
+            sent += n.unwrap();
+        }
+        assert!(!raw.writable, "a full socket clears the flag");
+        assert!(raw.write(&chunk).is_pending(), "no edge seen: the socket is not tried");
+        let mut drained = vec![0u8; sent];
+        theirs.read_exact(&mut drained).unwrap();
+        assert!(drained.iter().all(|b| *b == 7));
+        raw.writable = true;
+        assert!(matches!(raw.write(b"more"), Poll::Ready(Ok(4))));
+        theirs.read_exact(&mut buf[..4]).unwrap();
+        assert_eq!(&buf[..4], b"more");
+
+        drop(theirs);
+        raw.readable = true;
+        assert!(matches!(raw.read(&mut buf), Poll::Ready(Ok(0))), "the peer's end reads as 0");
+        assert!(raw.readable, "an end stays readable");
     }
 }
