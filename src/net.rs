@@ -35,7 +35,6 @@ impl Socket {
         match s {
             Stream::Tcp(t) => Ok(Socket::Tcp(t.into_std()?)),
             Stream::Unix(u) => Ok(Socket::Unix(u.into_std()?)),
-            Stream::Raw(r) => Ok(r.sock),
             _ => Err(io::Error::other("only a plain socket can move to another event loop")),
         }
     }

@@ -99,6 +99,11 @@ impl Inbox {
         }
     }
 
+    /// A request may be waiting (the bell rang and the session has not looked).
+    pub fn rung(&self) -> bool {
+        self.info.mailbox.rung.load(Ordering::Relaxed)
+    }
+
     pub async fn recv(&mut self) -> Control {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }

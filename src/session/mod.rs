@@ -177,7 +177,10 @@ impl Session {
     async fn relay_loop(mut self: Box<Self>, inbox: &mut inbox::Inbox) -> Option<(Box<Session>, End)> {
         let mut recalled_by = None;
         loop {
-            let step = match (recalled_by.take(), self.lane()) {
+            // A request already waiting is taken here: boarding for it would only
+            // be a round trip to the lane and back.
+            let lane = if inbox.rung() { None } else { self.lane() };
+            let step = match (recalled_by.take(), lane) {
                 (Some(c), _) => Step::Control(c),
                 (None, Some(lane)) => {
                     let ride = express::ride(self, lane, inbox).await?;
