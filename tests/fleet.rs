@@ -322,3 +322,33 @@ async fn the_leader_killed_after_its_fence_a_survivor_aborts_and_undoes_the_fenc
     let log = format!("{}{}", b.log(), c.log());
     assert!(log.contains("undoing its fence from the journal"), "{log}");
 }
+
+#[tokio::test]
+async fn a_fleet_rehearsal_says_rehearsed_for_every_member_and_leaves_everyone_on_blue() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "fl_rehearse";
+    common::cut::replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let ms = members("/t-rehearse", &["a", "b"]).await;
+    assembled(&ms, 2).await;
+    let clients = [ms[0].connect("app", common::PASSWORD, db).await.unwrap(), ms[1].connect("app", common::PASSWORD, db).await.unwrap()];
+    for c in &clients {
+        c.execute("INSERT INTO t (v) VALUES (1)", &[]).await.unwrap();
+    }
+
+    let (ok, report, text) = cutover(&ms[0], &["--rehearse"]).await;
+    assert!(ok, "{text}\n{}\n{}", ms[0].log(), ms[1].log());
+    assert_eq!(report["outcome"], "rehearsed", "{report:#}");
+    let fleet = &report["fleet"];
+    let outcomes: Vec<(&str, &str)> = fleet["members"].as_array().unwrap().iter().map(|m| (m["name"].as_str().unwrap(), m["outcome"].as_str().unwrap())).collect();
+    assert_eq!(outcomes, vec![("a", "rehearsed"), ("b", "rehearsed")], "a rehearsal is no rollback on any member: {fleet:#}");
+    assert!(fleet["decision"].as_str().unwrap().starts_with("rehearsed"), "{fleet:#}");
+
+    for m in &ms {
+        assert_eq!(active(m).await, "blue", "{}", m.log());
+    }
+    blue_writable(f, db).await;
+    for c in &clients {
+        c.execute("INSERT INTO t (v) VALUES (2)", &[]).await.expect("the same sessions write on blue after the rehearsal");
+    }
+}

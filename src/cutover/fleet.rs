@@ -225,16 +225,23 @@ impl Run {
             return Ok(());
         }
         let f = &*f;
-        f.fleet
+        // Ok(true): the leader ended a rehearsal, which this member rolls back as one.
+        let rehearsed = f
+            .fleet
             .wait(Duration::from_secs(86_400), "the decision", |v| {
                 let d = v.board(&f.plan.id).and_then(|b| b.decision.clone());
                 match d {
-                    Some(d) if d.commit => Some(Ok(())),
+                    Some(d) if d.commit => Some(Ok(false)),
+                    Some(d) if d.rehearsal => Some(Ok(true)),
                     _ => f.trouble(v).map(Err),
                 }
             })
             .await
-            .map_err(CutoverError::Fleet)
+            .map_err(CutoverError::Fleet)?;
+        if rehearsed {
+            return Err(CutoverError::Rehearsal);
+        }
+        Ok(())
     }
 
     /// The leader's decision to commit, with the active backend, in one etcd
@@ -265,7 +272,8 @@ impl Run {
         }
         let deadline = tokio::time::Instant::now() + watchdog;
         loop {
-            match f.fleet.abort(&f.plan.id, &source, &error.to_string()).await {
+            let rehearsal = f.leader && matches!(error, CutoverError::Rehearsal);
+            match f.fleet.abort(&f.plan.id, &source, &error.to_string(), rehearsal).await {
                 Ok(d) => return d.commit,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     tracing::error!(error = %e, "fleet: the decision cannot be read; resuming on the source (fenced if the fleet moved)");
@@ -374,6 +382,7 @@ impl Run {
             .collect();
         let decision = match &board.decision {
             Some(d) if d.commit => format!("commit to {}", d.active),
+            Some(d) if d.rehearsal => format!("rehearsed ({}): rolled back on purpose", d.by),
             Some(d) => format!("abort ({}): {}", d.by, d.reason.clone().unwrap_or_default()),
             None => "none".into(),
         };

@@ -113,7 +113,7 @@ pub async fn recover(config: &Config, path: &std::path::Path, fleet: Option<&std
     });
     if let Some(id) = &fleet_id {
         let fleet = fleet.ok_or_else(|| anyhow::anyhow!("the journal {} is a fleet cutover's ({id}): only etcd knows its decision, and [fleet] is not configured", path.display()))?;
-        let decision = fleet.abort(id, &source, "the leader stopped before it decided").await.map_err(|e| anyhow::anyhow!("cannot read the decision of fleet cutover {id}: {e:#}; the journal {} stays", path.display()))?;
+        let decision = fleet.abort(id, &source, "the leader stopped before it decided", false).await.map_err(|e| anyhow::anyhow!("cannot read the decision of fleet cutover {id}: {e:#}; the journal {} stays", path.display()))?;
         tracing::warn!(id, commit = decision.commit, by = %decision.by, "the fleet's decision on this instance's unfinished cutover");
         if !decision.commit {
             repointed = None;

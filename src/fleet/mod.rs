@@ -72,6 +72,9 @@ pub struct Decision {
     pub reason: Option<String>,
     /// Who wrote it.
     pub by: String,
+    /// An abort that ends a rehearsal: every member rolled back on purpose.
+    #[serde(default)]
+    pub rehearsal: bool,
 }
 
 /// How far a member got, under `cutovers/<id>/<member>`.
@@ -380,7 +383,7 @@ impl Fleet {
     /// only while `lock` is still this leader's and nobody decided before.
     /// Returns the decision that stands (an abort someone wrote first, say).
     pub async fn commit(&self, id: &str, lock: &LockGuard, target: &str) -> anyhow::Result<Decision> {
-        let decision = Decision { commit: true, active: target.into(), reason: None, by: self.name.clone() };
+        let decision = Decision { commit: true, active: target.into(), reason: None, by: self.name.clone(), rehearsal: false };
         let key = self.cutover_key(id, ".decision");
         let txn = Txn::new()
             .when([Compare::value(self.key("lock"), CompareOp::Equal, lock.value.clone()), Compare::version(key.clone(), CompareOp::Equal, 0)])
@@ -393,13 +396,13 @@ impl Fleet {
         }
         match first_value::<Decision>(r.op_responses()) {
             Some(d) => Ok(d),
-            None => Ok(Decision { commit: false, active: String::new(), reason: Some("the leader's lock expired before the decision".into()), by: self.name.clone() }),
+            None => Ok(Decision { commit: false, active: String::new(), reason: Some("the leader's lock expired before the decision".into()), by: self.name.clone(), rehearsal: false }),
         }
     }
 
     /// Aborts `id` unless it is decided already; returns the decision that stands.
-    pub async fn abort(&self, id: &str, source: &str, reason: &str) -> anyhow::Result<Decision> {
-        let decision = Decision { commit: false, active: source.into(), reason: Some(reason.into()), by: self.name.clone() };
+    pub async fn abort(&self, id: &str, source: &str, reason: &str, rehearsal: bool) -> anyhow::Result<Decision> {
+        let decision = Decision { commit: false, active: source.into(), reason: Some(reason.into()), by: self.name.clone(), rehearsal };
         let key = self.cutover_key(id, ".decision");
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])

@@ -233,4 +233,14 @@ mod tests {
         v.apply("/p", b"/p/cutovers/a-1/.pause", None);
         assert!(v.board("a-1").is_none(), "a cutover whose keys are all gone (pruned) leaves the view");
     }
+
+    #[test]
+    fn a_decision_written_before_rehearsals_were_marked_reads_as_no_rehearsal() {
+        let mut v = View::default();
+        v.apply("/p", b"/p/cutovers/a-1/.decision", Some(br#"{"commit":false,"active":"blue","reason":"x","by":"a"}"#));
+        let d = v.board("a-1").and_then(|b| b.decision.clone()).unwrap();
+        assert!(!d.commit && !d.rehearsal);
+        v.apply("/p", b"/p/cutovers/a-1/.decision", Some(br#"{"commit":false,"active":"blue","reason":"x","by":"a","rehearsal":true}"#));
+        assert!(v.board("a-1").and_then(|b| b.decision.clone()).unwrap().rehearsal);
+    }
 }
