@@ -352,3 +352,39 @@ async fn a_fleet_rehearsal_says_rehearsed_for_every_member_and_leaves_everyone_o
         c.execute("INSERT INTO t (v) VALUES (2)", &[]).await.expect("the same sessions write on blue after the rehearsal");
     }
 }
+
+#[tokio::test]
+async fn a_check_on_one_member_takes_the_other_members_sessions_for_theirs_and_a_direct_one_for_bypass() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "fl_check";
+    common::cut::replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let ms = members("/t-check", &["a", "b"]).await;
+    assembled(&ms, 2).await;
+    // Sessions through both members, busy and idle in a transaction: none bypasses.
+    let on_a = ms[0].connect("app", common::PASSWORD, db).await.unwrap();
+    let on_b = ms[1].connect("app", common::PASSWORD, db).await.unwrap();
+    let on_b_too = ms[1].connect("app", common::PASSWORD, db).await.unwrap();
+    on_a.execute("INSERT INTO t (v) VALUES (1)", &[]).await.unwrap();
+    on_b.execute("INSERT INTO t (v) VALUES (1)", &[]).await.unwrap();
+    on_b_too.batch_execute("BEGIN; INSERT INTO t (v) VALUES (2)").await.unwrap();
+    let bypass_line = |out: &str| out.lines().find(|l| l.contains("bypassing")).map(str::to_owned).unwrap_or_default();
+
+    let (ok, out, err) = ms[0].psql_console(&["CHECK"]).await;
+    assert!(ok, "{out}{err}");
+    let line = bypass_line(&out);
+    assert!(line.contains(" ok"), "member b's sessions were taken for sessions bypassing the fleet:\n{out}\n{}", ms[1].log());
+
+    // A session straight to blue is named, from either member.
+    let (direct, conn) = tokio_postgres::connect(&f.blue().url("app", Some(common::PASSWORD), db), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let pid: i32 = direct.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    for m in &ms {
+        let (ok, out, err) = m.psql_console(&["CHECK"]).await;
+        assert!(ok, "{out}{err}");
+        let line = bypass_line(&out);
+        assert!(line.contains(&format!("(pid {pid})")), "the direct session is not named:\n{out}");
+        assert_eq!(line.matches("(pid ").count(), 1, "only the direct session bypasses:\n{out}");
+    }
+    on_b_too.batch_execute("COMMIT").await.unwrap();
+}

@@ -11,6 +11,9 @@ use tokio_postgres::Client;
 use super::catchup::Subscription;
 use crate::server::Proxy;
 
+/// How long a check waits for the other fleet members' census answers.
+const CENSUS_BOUND: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
     pub name: String,
@@ -52,6 +55,9 @@ pub struct Settings {
     /// connections logging in or out. Theirs are no bypass.
     pub members_pids: Vec<i32>,
     pub members_ports: Vec<i32>,
+    /// Outside a cutover, in a fleet: ask the other members (a census) which of
+    /// the source's backends, by the source backend's name, are theirs.
+    pub census: Option<(Arc<crate::fleet::Fleet>, String)>,
 }
 
 impl Settings {
@@ -63,6 +69,7 @@ impl Settings {
             other_subscriptions: config.cutover.other_subscriptions.clone(),
             members_pids: Vec::new(),
             members_ports: Vec::new(),
+            census: None,
         }
     }
 }
@@ -81,18 +88,31 @@ pub async fn check_common(db: &str, src: &Client, dst: &Client, our_pids: &[i32]
         ));
     }
     let since = std::time::Instant::now();
-    let our_pids: Vec<i32> = our_pids.iter().chain(&settings.members_pids).copied().collect();
+    let mut our_pids: Vec<i32> = our_pids.iter().chain(&settings.members_pids).copied().collect();
     let rows = src
         .query(
-            "SELECT coalesce(client_port, -1), usename::text || ' from ' || coalesce(client_addr::text, 'local') || ' (pid ' || pid || ')' FROM pg_stat_activity \
-             WHERE backend_type = 'client backend' AND datname = current_database() AND pid <> pg_backend_pid() AND NOT (pid = ANY($1)) AND usename <> $2",
-            &[&our_pids, &settings.admin_user],
+            "SELECT pid, coalesce(client_port, -1), usename::text || ' from ' || coalesce(client_addr::text, 'local') || ' (pid ' || pid || ')' FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND datname = current_database() AND pid <> pg_backend_pid() AND usename <> $1",
+            &[&settings.admin_user],
         )
         .await?;
     // The proxy's own connections, logging in or out included (see backend::ports).
     let mut ours = crate::backend::ports::ours_since(since);
     ours.extend(&settings.members_ports);
-    let strangers: Vec<String> = rows.iter().filter(|r| !ours.contains(&r.get::<_, i32>(0))).map(|r| r.get(1)).collect();
+    // The other members answer after the look above: whatever it saw of theirs is
+    // in their answers (a session's pid, or the port of one that has ended since).
+    if let Some((fleet, source)) = &settings.census {
+        let missing = match fleet.census(source, CENSUS_BOUND).await {
+            Ok(census) => {
+                our_pids.extend(census.pids);
+                ours.extend(census.ports);
+                (!census.missing.is_empty()).then(|| format!("no answer within {CENSUS_BOUND:?} from {}: their sessions may be listed as bypassing", census.missing.join(", ")))
+            }
+            Err(e) => Some(format!("{e:#}: other members' sessions may be listed as bypassing")),
+        };
+        checks.push(Check::new(format!("{db}: every fleet member said which of the source's sessions are its own"), false, missing));
+    }
+    let strangers: Vec<String> = rows.iter().filter(|r| !our_pids.contains(&r.get::<_, i32>(0)) && !ours.contains(&r.get::<_, i32>(1))).map(|r| r.get(2)).collect();
     let strangers = (!strangers.is_empty()).then(|| strangers.join(", "));
     checks.push(Check::new(format!("{db}: no sessions on the source bypassing the proxy"), false, strangers));
     let secs = settings.drain_timeout.as_secs_f64();
@@ -221,7 +241,8 @@ pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<C
         anyhow::bail!("no database to check: no session is open and [cutover] databases is empty");
     }
     let our_pids: Vec<i32> = proxy.sessions.list().iter().filter(|s| s.backend().target.name == source.name).map(|s| s.backend().key.pid).collect();
-    let settings = Settings::of(&config, &source.config.admin_user);
+    let mut settings = Settings::of(&config, &source.config.admin_user);
+    settings.census = proxy.fleet().map(|f| (f, source.name.clone()));
     let mut all = Vec::new();
     for (i, db) in names.into_iter().enumerate() {
         let src = super::control::connect(&source.config, &db, "pgcutover check").await?;

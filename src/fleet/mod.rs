@@ -9,12 +9,15 @@
 //!   commit decision and read by every instance before it serves;
 //! - `cutovers/<id>/.plan`, `.pause`, `.journal`, `.decision`, `.undone`: the
 //!   leader's side of one cutover (see [`crate::cutover`]);
-//! - `cutovers/<id>/<member>`: each member's progress and outcome.
+//! - `cutovers/<id>/<member>`: each member's progress and outcome;
+//! - `census/<id>`, `census/<id>/<member>`: a member asking the others which of the
+//!   source's backends are theirs, and their answers (see [`census`]).
 //!
 //! One watch over the prefix keeps a [`View`] of all of it current. The cutover, the
 //! console and the cancel routing read the view; writes are single puts or
 //! transactions. etcd's client is the `etcd-client` crate; every request is bounded.
 
+pub mod census;
 pub mod etcd;
 mod view;
 

@@ -21,6 +21,7 @@ pub struct View {
     pub lock: Option<Lock>,
     pub active: Option<String>,
     pub cutovers: BTreeMap<String, Board>,
+    pub census: BTreeMap<String, super::census::Board>,
 }
 
 /// One cutover's keys.
@@ -81,6 +82,27 @@ impl View {
                 }
                 if value.is_none() && board.plan.is_none() && board.reports.is_empty() && board.decision.is_none() {
                     self.cutovers.remove(*id);
+                }
+            }
+            ["census", id] => {
+                let board = self.census.entry(id.to_string()).or_default();
+                board.request = value.and_then(json);
+                if board.request.is_none() && board.answers.is_empty() {
+                    self.census.remove(*id);
+                }
+            }
+            ["census", id, member] => {
+                let board = self.census.entry(id.to_string()).or_default();
+                match value.and_then(json) {
+                    Some(a) => {
+                        board.answers.insert(member.to_string(), a);
+                    }
+                    None => {
+                        board.answers.remove(*member);
+                    }
+                }
+                if board.request.is_none() && board.answers.is_empty() {
+                    self.census.remove(*id);
                 }
             }
             _ => {}
@@ -173,6 +195,16 @@ fn react(fleet: &Arc<Fleet>, started: &mut BTreeSet<String>) {
             tracing::info!(outcome = report.outcome.as_str(), reason = ?report.reason, "fleet cutover: this member's part ended");
         });
     }
+    for (id, board) in &view.census {
+        let Some(request) = &board.request else { continue };
+        let key = format!("census/{id}");
+        if request.by == fleet.name || board.answers.contains_key(&fleet.name) || started.contains(&key) {
+            continue;
+        }
+        started.insert(key);
+        tokio::spawn(fleet.clone().answer_census(id.clone(), request.clone()));
+    }
+    started.retain(|k| k.strip_prefix("census/").is_none_or(|id| view.census.contains_key(id)));
     let Some(active) = &view.active else { return };
     if proxy.cutover.running() || proxy.active_backend().name == *active {
         return;
@@ -232,6 +264,21 @@ mod tests {
         v.apply("/p", b"/p/cutovers/a-1/b", None);
         v.apply("/p", b"/p/cutovers/a-1/.pause", None);
         assert!(v.board("a-1").is_none(), "a cutover whose keys are all gone (pruned) leaves the view");
+    }
+
+    #[test]
+    fn a_census_and_its_answers_come_and_go_with_their_keys() {
+        let mut v = View::default();
+        v.apply("/p", b"/p/census/a-1", Some(br#"{"by":"a","source":"blue","lease":7}"#));
+        v.apply("/p", b"/p/census/a-1/b", Some(br#"{"pids":[11],"ports":[40000]}"#));
+        let board = &v.census["a-1"];
+        assert_eq!(board.request.as_ref().map(|r| (r.by.as_str(), r.source.as_str(), r.lease)), Some(("a", "blue", 7)));
+        assert_eq!(board.answers["b"].pids, [11]);
+        // The lease's end deletes them all, in any order.
+        v.apply("/p", b"/p/census/a-1", None);
+        assert!(v.census.contains_key("a-1"), "an answer is still there");
+        v.apply("/p", b"/p/census/a-1/b", None);
+        assert!(v.census.is_empty());
     }
 
     #[test]
