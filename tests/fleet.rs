@@ -44,6 +44,14 @@ async fn trio(prefix: &str, leader_hook: &str) -> [Served; 3] {
     ms
 }
 
+/// Members a and b, assembled, and database `db` (table t) replicated blue to green.
+async fn two_on(db: &str, prefix: &str) -> Vec<Served> {
+    common::cut::replicated(fixture(), db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    let ms = members(prefix, &["a", "b"]).await;
+    assembled(&ms, 2).await;
+    ms
+}
+
 /// SHOW STATUS on a member's console, as name → value.
 async fn status(m: &Served) -> std::collections::HashMap<String, String> {
     let (ok, out, err) = m.cli(&["status", "--json"]).await;
@@ -328,9 +336,7 @@ async fn a_fleet_rehearsal_says_rehearsed_for_every_member_and_leaves_everyone_o
     let _serial = serial().await;
     let f = fixture();
     let db = "fl_rehearse";
-    common::cut::replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
-    let ms = members("/t-rehearse", &["a", "b"]).await;
-    assembled(&ms, 2).await;
+    let ms = two_on(db, "/t-rehearse").await;
     let clients = [ms[0].connect("app", common::PASSWORD, db).await.unwrap(), ms[1].connect("app", common::PASSWORD, db).await.unwrap()];
     for c in &clients {
         c.execute("INSERT INTO t (v) VALUES (1)", &[]).await.unwrap();
@@ -358,9 +364,7 @@ async fn a_check_on_one_member_takes_the_other_members_sessions_for_theirs_and_a
     let _serial = serial().await;
     let f = fixture();
     let db = "fl_check";
-    common::cut::replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
-    let ms = members("/t-check", &["a", "b"]).await;
-    assembled(&ms, 2).await;
+    let ms = two_on(db, "/t-check").await;
     // Sessions through both members, busy and idle in a transaction: none bypasses.
     let on_a = ms[0].connect("app", common::PASSWORD, db).await.unwrap();
     let on_b = ms[1].connect("app", common::PASSWORD, db).await.unwrap();
