@@ -197,7 +197,7 @@ impl Run {
 
     /// The gate is closed: says so, with this instance's backends on the source.
     pub(super) async fn fleet_closed(&mut self, closed_at: u64) -> Result<(), CutoverError> {
-        let pids: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
+        let pids: Vec<i32> = self.proxy.sessions.pids_on(&self.source.name);
         let Some(f) = &mut self.fleet else { return Ok(()) };
         f.mine.pids = pids;
         f.mine.ports = crate::backend::ports::ours_since(std::time::Instant::now());

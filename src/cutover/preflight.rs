@@ -240,7 +240,7 @@ pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<C
     if names.is_empty() {
         anyhow::bail!("no database to check: no session is open and [cutover] databases is empty");
     }
-    let our_pids: Vec<i32> = proxy.sessions.list().iter().filter(|s| s.backend().target.name == source.name).map(|s| s.backend().key.pid).collect();
+    let our_pids = proxy.sessions.pids_on(&source.name);
     let mut settings = Settings::of(&config, &source.config.admin_user);
     settings.census = proxy.fleet().map(|f| (f, source.name.clone()));
     let mut all = Vec::new();

@@ -72,7 +72,7 @@ impl Run {
     }
 
     pub(super) fn on_source(&self) -> Vec<Arc<crate::session::registry::SessionInfo>> {
-        self.proxy.sessions.list().into_iter().filter(|s| s.backend().target.name == self.source.name).collect()
+        self.proxy.sessions.on(&self.source.name)
     }
 
     pub(super) async fn execute(&mut self, force: bool) -> CutoverReport {
@@ -216,7 +216,7 @@ impl Run {
         // The fence runs while the drain does, all but its reload, which waits for
         // the drain (see fence::reload).
         let roles = self.roles();
-        let keep: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
+        let keep: Vec<i32> = self.proxy.sessions.pids_on(&self.source.name);
         let (journal, hooks, db, fleet) = (&mut self.journal, &self.hooks, &self.databases[0], &self.fleet);
         let admin_user = &self.source.config.admin_user;
         let fence = async {
@@ -342,7 +342,7 @@ impl Run {
             let subscriptions = catchup::subscriptions(&src, &dst).await?;
             self.databases.push(Database { name: name.clone(), src, dst, subscriptions, reverse: None });
         }
-        let our_pids: Vec<i32> = self.on_source().iter().map(|s| s.backend().key.pid).collect();
+        let our_pids: Vec<i32> = self.proxy.sessions.pids_on(&self.source.name);
         let mut problems = Vec::new();
         let mut settings = preflight::Settings::of(&self.config, &self.source.config.admin_user);
         settings.members_pids = members.pids;

@@ -105,7 +105,7 @@ impl Fleet {
     /// Answers census `id` with this instance's connections to the backend it names.
     pub(super) async fn answer_census(self: Arc<Self>, id: String, request: Request) {
         let Some(proxy) = self.proxy() else { return };
-        let pids = proxy.sessions.list().iter().filter(|s| s.backend().target.name == request.source).map(|s| s.backend().key.pid).collect();
+        let pids = proxy.sessions.pids_on(&request.source);
         let since = Instant::now().checked_sub(RECENT).unwrap_or_else(Instant::now);
         let answer = Answer { pids, ports: crate::backend::ports::ours_since(since) };
         let Ok(value) = serde_json::to_vec(&answer) else { return };

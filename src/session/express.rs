@@ -352,9 +352,7 @@ impl Riders {
             Ok(Poll::Ready(event)) => self.alight(slot, Some(event), registry),
             Err(_) => {
                 tracing::error!(session = rider.session.relay.info.id, "a session's relay panicked on an express lane; the session ends");
-                if let Some(rider) = self.leave(slot, registry) {
-                    drop(rider);
-                }
+                drop(self.leave(slot, registry));
             }
         }
     }

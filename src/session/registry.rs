@@ -319,6 +319,16 @@ impl Registry {
         v
     }
 
+    /// The sessions whose backend is on `backend` (by its configured name).
+    pub fn on(&self, backend: &str) -> Vec<Arc<SessionInfo>> {
+        self.list().into_iter().filter(|s| s.backend().target.name == backend).collect()
+    }
+
+    /// The server pids of the sessions on `backend`.
+    pub fn pids_on(&self, backend: &str) -> Vec<i32> {
+        self.on(backend).iter().map(|s| s.backend().key.pid).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
