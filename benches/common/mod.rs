@@ -26,6 +26,8 @@ pub struct Run {
     pub failed: u64,
     /// The proxy's CPU per transaction (user, system), in microseconds.
     pub cpu_us: Option<(f64, f64)>,
+    /// The proxy's context switches per transaction (voluntary, involuntary).
+    pub switches: Option<(f64, f64)>,
 }
 
 /// Runs pgbench against `port` and parses its summary.
@@ -44,6 +46,7 @@ pub fn run_pgbench(port: u16, db: &str, args: &[&str]) -> anyhow::Result<Run> {
         latency_ms: field("latency average = ").unwrap_or(0.0),
         failed: field("number of failed transactions: ").unwrap_or(0.0) as u64,
         cpu_us: None,
+        switches: None,
     })
 }
 
