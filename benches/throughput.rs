@@ -126,7 +126,7 @@ fn main() -> anyhow::Result<()> {
             (runs.iter().map(|r| r.tps).sum::<f64>() / n, runs.iter().map(|r| r.latency_ms).sum::<f64>() / n, cpu(|c| c.0), cpu(|c| c.1))
         };
         println!("\n{workload}:");
-        println!("  {:10} {:>10} {:>12} {:>14} {:>14} {:>15}", "target", "tps", "latency ms", "proxy user us", "proxy sys us", "sleeps + preempts");
+        println!("  {:10} {:>10} {:>12} {:>14} {:>14} {:>17}", "target", "tps", "latency ms", "proxy user us", "proxy sys us", "sleeps + preempts");
         let means: Vec<(f64, f64, f64, f64)> = results.iter().map(|r| mean(r)).collect();
         for (((name, _, cpu_of), (tps, lat, user, sys)), runs) in targets.iter().zip(&means).zip(&results) {
             let (user, sys, sw) = if cpu_of.is_some() {
