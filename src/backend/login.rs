@@ -21,6 +21,7 @@ fn io_error(e: ReadError) -> BackendError {
         ReadError::Closed => BackendError::Protocol("the backend closed the connection during login".into()),
         ReadError::Io(e) => BackendError::Unreachable(e),
         ReadError::Protocol(p) => BackendError::Protocol(p.message),
+        ReadError::Silent(why) => BackendError::Protocol(why.into()),
     }
 }
 

@@ -11,14 +11,18 @@ use super::Login;
 use crate::config::ClientTlsMode;
 use crate::net::Stream;
 use crate::protocol::read::{read_startup_packet, ReadError};
-use crate::protocol::startup::{self, CancelKey, StartupPacket, PROTOCOL_3_0};
+use crate::protocol::startup::{self, CancelKey, StartupError, StartupPacket, PROTOCOL_3_0};
 use crate::protocol::{sqlstate, write, PgError};
 use crate::server::Proxy;
 use crate::session::fail;
 
 pub enum Accepted {
     Login(Login),
-    Cancel(CancelKey),
+    /// A CancelRequest, with the connection that brought it: PostgreSQL closes
+    /// that connection only once the signal is sent, and clients wait for the
+    /// close before they go on (so must we, or the cancel lands on their next
+    /// statement).
+    Cancel(Stream, CancelKey),
     /// A client of the admin console (database `pgcutover`).
     Admin(Stream, startup::StartupMessage),
 }
@@ -36,7 +40,7 @@ pub async fn accept(proxy: &Arc<Proxy>, stream: Stream, peer: String) -> Option<
         Err(_) => Err(Some(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "timeout during startup and authentication"))),
     };
     match result {
-        Ok(Step::Cancel(key)) => Some(Accepted::Cancel(key)),
+        Ok(Step::Cancel(key)) => Some(Accepted::Cancel(slot.take()?, key)),
         Ok(Step::Admin(startup)) => Some(Accepted::Admin(slot.take()?, startup)),
         Ok(Step::Login(parts)) => {
             let stream = slot.take()?;
@@ -77,13 +81,31 @@ async fn negotiate(proxy: &Arc<Proxy>, slot: &mut Option<Stream>, peer: &str) ->
     let config = proxy.config();
     let read_err = |e: ReadError| match e {
         ReadError::Protocol(p) => Some(p),
+        ReadError::Silent(why) => {
+            tracing::info!(%peer, "client refused: {why}");
+            None
+        }
         ReadError::Closed | ReadError::Io(_) => None,
     };
+    let mut done = startup::Negotiated::default();
     loop {
         let stream = slot.as_mut().ok_or(None)?;
         let packet = read_startup_packet(stream).await.map_err(read_err)?;
-        match startup::parse(&packet).map_err(Some)? {
+        let packet = match startup::parse(&packet, done) {
+            Ok(p) => p,
+            Err(StartupError::Fatal(e)) => return Err(Some(e)),
+            Err(e) => {
+                // Answered as PostgreSQL answers it: silence, or an old-protocol text.
+                tracing::info!(%peer, error = %e, "client refused");
+                if let Some(reply) = e.reply() {
+                    let _ = stream.write_all(&reply).await;
+                }
+                return Err(None);
+            }
+        };
+        match packet {
             StartupPacket::SslRequest => {
+                done.ssl = true;
                 let tls = proxy.client_tls();
                 let offer = matches!(stream, Stream::Tcp(_)) && tls.is_some() && config.proxy.tls_mode != ClientTlsMode::Disable;
                 stream.write_all(if offer { b"S" } else { b"N" }).await.map_err(|_| None)?;
@@ -100,6 +122,7 @@ async fn negotiate(proxy: &Arc<Proxy>, slot: &mut Option<Stream>, peer: &str) ->
                 }
             }
             StartupPacket::GssEncRequest => {
+                done.gss = true;
                 stream.write_all(b"N").await.map_err(|_| None)?;
             }
             StartupPacket::Cancel(key) => return Ok(Step::Cancel(key)),

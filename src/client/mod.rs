@@ -32,7 +32,11 @@ pub async fn handle(proxy: Arc<Proxy>, stream: Stream, peer: String) {
     let accepted = Box::pin(handshake::accept(&proxy, stream, peer)).await;
     match accepted {
         Some(handshake::Accepted::Login(login)) => crate::session::run(proxy, login).await,
-        Some(handshake::Accepted::Cancel(key)) => Box::pin(proxy.cancel(key)).await,
+        Some(handshake::Accepted::Cancel(stream, key)) => {
+            Box::pin(proxy.cancel(key)).await;
+            // Acknowledged (closed) only now that the cancel was delivered.
+            drop(stream);
+        }
         Some(handshake::Accepted::Admin(stream, startup)) => Box::pin(crate::admin::serve(proxy, stream, startup)).await,
         None => {}
     }

@@ -18,6 +18,10 @@ pub enum ReadError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Protocol(PgError),
+    /// A startup packet PostgreSQL refuses without a word (see
+    /// [`StartupError::Silent`](super::startup::StartupError::Silent)).
+    #[error("{0}")]
+    Silent(&'static str),
 }
 
 impl ReadError {
@@ -52,7 +56,10 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R, limit: u32) -> Result
 pub async fn read_startup_packet<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, ReadError> {
     let mut len_word = [0u8; 4];
     r.read_exact(&mut len_word).await.map_err(eof_is_closed)?;
-    let len = super::startup::check_length(u32::from_be_bytes(len_word)).map_err(ReadError::Protocol)?;
+    let len = super::startup::check_length(u32::from_be_bytes(len_word)).map_err(|e| match e {
+        super::startup::StartupError::Silent(why) => ReadError::Silent(why),
+        other => ReadError::protocol(other.to_string()),
+    })?;
     let mut packet = vec![0u8; len];
     packet[..4].copy_from_slice(&len_word);
     r.read_exact(&mut packet[4..]).await.map_err(eof_is_closed)?;

@@ -1,8 +1,7 @@
 //! The messages the proxy writes itself, encoded with pgwire.
 
 use bytes::{BufMut, BytesMut};
-use pgwire::error::ErrorInfo;
-use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::response::{ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey};
 use pgwire::messages::Message;
 
@@ -17,10 +16,25 @@ fn encode(buf: &mut BytesMut, msg: &impl Message) {
     }
 }
 
+/// An ErrorResponse with the fields PostgreSQL sends first: severity (localized
+/// and not), SQLSTATE, message, detail.
 pub fn error_response(buf: &mut BytesMut, err: &PgError) {
-    let mut info = ErrorInfo::new(err.severity.as_str().to_owned(), err.code.to_owned(), err.message.clone());
-    info.detail = err.detail.clone();
-    encode(buf, &ErrorResponse::from(info));
+    let mut body = Vec::with_capacity(err.message.len() + 32);
+    let severity = err.severity.as_str();
+    let mut field = |code: u8, value: &str| {
+        body.push(code);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    };
+    field(b'S', severity);
+    field(b'V', severity);
+    field(b'C', err.code);
+    field(b'M', &err.message);
+    if let Some(detail) = &err.detail {
+        field(b'D', detail);
+    }
+    body.push(0);
+    frontend_message(buf, b'E', &body);
 }
 
 pub fn auth_ok(buf: &mut BytesMut) {
@@ -90,3 +104,6 @@ pub fn password_message(buf: &mut BytesMut, password: &str) {
 }
 
 pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
+/// Sync, as the proxy sends it itself.
+pub const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];

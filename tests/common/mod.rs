@@ -339,6 +339,49 @@ impl Raw {
         .flatten()
     }
 
+    /// Reads every message up to the peer's close; `None` if it has not closed
+    /// within `secs` seconds.
+    pub async fn until_closed(&mut self, secs: u64) -> Option<Vec<RawMessage>> {
+        tokio::time::timeout(Duration::from_secs(secs), async {
+            let mut out = Vec::new();
+            loop {
+                if self.buf.len() >= 5 {
+                    let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                    if self.buf.len() > len {
+                        let tag = self.buf[0];
+                        self.buf.advance(5);
+                        let body = self.buf.split_to(len - 4);
+                        out.push(RawMessage { tag, body });
+                        continue;
+                    }
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return out,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
+    /// Reads whatever bytes come up to the peer's close (`None`: not closed
+    /// within `secs` seconds).
+    pub async fn bytes_until_closed(&mut self, secs: u64) -> Option<Vec<u8>> {
+        tokio::time::timeout(Duration::from_secs(secs), async {
+            let mut out = self.buf.split().to_vec();
+            let mut chunk = [0u8; 4096];
+            loop {
+                match self.stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return out,
+                    Ok(n) => out.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
     /// Reads one raw byte (the answer to SSLRequest / GSSENCRequest).
     pub async fn recv_byte(&mut self) -> u8 {
         self.stream.read_u8().await.unwrap()
