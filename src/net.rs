@@ -65,6 +65,10 @@ pub struct RawStream {
     pub readable: bool,
     /// The socket may take bytes.
     pub writable: bool,
+    /// The peer has closed its side (or the socket failed): final, never cleared.
+    /// A short read then does not clear `readable`, since no later edge would say
+    /// that the end is still to be read (data and the close often come in one edge).
+    pub read_closed: bool,
 }
 
 impl RawStream {
@@ -100,7 +104,8 @@ impl RawStream {
             Socket::Tcp(t) => (&*t).read(buf),
             Socket::Unix(u) => (&*u).read(buf),
         };
-        Self::attempt(&self.sock, &mut self.readable, read, |n| n > 0 && n < len)
+        let closed = self.read_closed;
+        Self::attempt(&self.sock, &mut self.readable, read, |n| n > 0 && n < len && !closed)
     }
 
     /// Writes what the socket takes.
@@ -153,7 +158,7 @@ impl Stream {
             return Ok(());
         }
         let sock = Socket::detach(std::mem::replace(self, Stream::Lost(Lost)))?;
-        *self = Stream::Raw(RawStream { sock, readable: true, writable: true });
+        *self = Stream::Raw(RawStream { sock, readable: true, writable: true, read_closed: false });
         Ok(())
     }
 
@@ -288,7 +293,7 @@ mod tests {
     fn a_raw_stream_clears_its_flags_when_the_socket_is_empty_or_full() {
         let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let mut raw = RawStream { sock: Socket::Unix(ours), readable: true, writable: true };
+        let mut raw = RawStream { sock: Socket::Unix(ours), readable: true, writable: true, read_closed: false };
         let mut buf = [0u8; 64];
 
         assert!(raw.read(&mut buf).is_pending(), "nothing to read yet");
@@ -319,5 +324,23 @@ mod tests {
         raw.readable = true;
         assert!(matches!(raw.read(&mut buf), Poll::Ready(Ok(0))), "the peer's end reads as 0");
         assert!(raw.readable, "an end stays readable");
+    }
+
+    /// The last bytes and the peer's close often come in one edge: the short read
+    /// that takes the bytes must leave the end to be read, or the session never
+    /// learns that its peer has gone.
+    #[test]
+    fn the_end_after_a_short_read_is_still_read_when_the_edge_said_closed() {
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut raw = RawStream { sock: Socket::Unix(ours), readable: false, writable: true, read_closed: false };
+        theirs.write_all(b"FATAL").unwrap();
+        drop(theirs);
+        // One edge: readable and closed.
+        raw.readable = true;
+        raw.read_closed = true;
+        let mut buf = [0u8; 64];
+        assert!(matches!(raw.read(&mut buf), Poll::Ready(Ok(5))));
+        assert!(matches!(raw.read(&mut buf), Poll::Ready(Ok(0))), "the end is read without another edge");
     }
 }

@@ -335,6 +335,7 @@ impl Riders {
         let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
         raw.readable |= readable;
         raw.writable |= writable;
+        raw.read_closed |= ev.is_read_closed() || ev.is_error();
         // Room to write matters only to a side with something to write (a Unix
         // socket's peer signals room after each read).
         if readable || (writable && out_waiting) {
