@@ -280,8 +280,23 @@ impl Proxy {
     /// In a fleet, a load balancer may bring the request to another instance than
     /// the session's: a key minted by another member (its tag is in the pid's top
     /// bits) is passed on to that member, once; it checks the key as its own.
+    ///
+    /// A request held at the closed gate has not reached any backend: the session
+    /// answers it as cancelled itself. Returns once the cancel was delivered.
     pub async fn cancel(&self, key: CancelKey) {
-        if let Some(link) = self.sessions.lookup_cancel(key) {
+        if let Some(session) = self.sessions.lookup_cancel(key) {
+            if session.held_since().is_some() {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                // Cancellation safety: if the session ends or lets the request go
+                // meanwhile, the reply says so (or never comes) and the cancel goes
+                // to the backend, where the request now runs.
+                if session.control(crate::session::registry::Control::CancelHeld(tx))
+                    && matches!(tokio::time::timeout(Duration::from_secs(2), rx).await, Ok(Ok(true)))
+                {
+                    return;
+                }
+            }
+            let link = session.backend();
             return link.target.cancel(link.key).await;
         }
         if let Some(owner) = self.fleet().and_then(|f| f.owner_of(key.pid)) {

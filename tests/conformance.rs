@@ -111,6 +111,9 @@ mod msg {
 struct Step {
     send: Vec<u8>,
     until: Until,
+    /// The step leaves an extended batch open that only prepared (asyncpg's
+    /// Parse / Describe / Flush): the session is quiescent after it.
+    quiet: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -122,7 +125,7 @@ enum Until {
 }
 
 fn step(send: Vec<u8>, readies: usize) -> Step {
-    Step { send, until: Until::Ready(readies) }
+    Step { send, until: Until::Ready(readies), quiet: false }
 }
 
 type Reply = Vec<(u8, Vec<u8>)>;
@@ -214,11 +217,20 @@ async fn corner_script(db: &str) -> Vec<Step> {
         // A named statement, described, bound twice, executed in row chunks.
         step([msg::parse("s1", "SELECT n FROM t WHERE n >= $1 ORDER BY n"), msg::describe_statement("s1"), msg::sync()].concat(), 1),
         step([msg::bind("p1", "s1", &["0"]), msg::execute("p1", 1), msg::execute("p1", 1), msg::execute("p1", 1), msg::sync()].concat(), 1),
+        // asyncpg's prepare: Parse, Describe and Flush without a Sync, of a named
+        // and of the unnamed statement (a pause holds, a cutover moves the session
+        // here); then both run in one batch.
+        Step {
+            send: [msg::parse("a1", "SELECT $1::int * 2"), msg::describe_statement("a1"), msg::parse("", "SELECT $1::int + 100"), msg::describe_statement(""), msg::flush()].concat(),
+            until: Until::Messages(6),
+            quiet: true,
+        },
+        step([msg::bind("", "a1", &["21"]), msg::execute("", 0), msg::bind("", "", &["1"]), msg::execute("", 0), msg::sync()].concat(), 1),
         // Flush without Sync: answers come, the batch stays open, then is synced.
-        Step { send: [msg::parse("s2", "SELECT $1::int + 1"), msg::flush()].concat(), until: Until::Messages(1) },
+        Step { send: [msg::parse("s2", "SELECT $1::int + 1"), msg::flush()].concat(), until: Until::Messages(1), quiet: true },
         step([msg::bind("", "s2", &["41"]), msg::execute("", 0), msg::sync()].concat(), 1),
         // A lone Flush and a lone Sync.
-        Step { send: msg::flush(), until: Until::Messages(0) },
+        Step { send: msg::flush(), until: Until::Messages(0), quiet: false },
         step(msg::sync(), 1),
         // An error in the middle of a pipeline: skipped to its Sync, the rest runs.
         step([msg::extended("SELECT 1", &[]), msg::extended("SELECT 1/0", &[]), msg::extended("SELECT 3", &[]), msg::query("SELECT 4")].concat(), 4),
@@ -283,13 +295,14 @@ async fn every_corner_held_at_a_closed_gate_gets_the_same_replies() {
 
     let mut raw = login(proxy.port(), &db).await;
     let mut proxied: Vec<Reply> = Vec::new();
-    for s in &script {
-        // Only a client outside any transaction and batch is held; inside one the
-        // request goes on (and a pause would wait for it).
+    for (i, s) in script.iter().enumerate() {
+        // Only a client outside any transaction and batch (or in a batch that only
+        // prepared) is held; inside one the request goes on (and a pause would
+        // wait for it).
         let idle = match proxied.last() {
             None => true,
             Some(r) => r.last().is_some_and(|(t, b)| *t == b'Z' && b == b"I"),
-        };
+        } || i > 0 && script[i - 1].quiet;
         if idle {
             let rows = proxy.admin("PAUSE 2s").await.expect("each step starts at a request boundary");
             assert_eq!(rows[0][2].as_deref(), Some("0"), "in flight between steps: {rows:?}");
@@ -501,7 +514,8 @@ async fn every_corner_across_a_cutover_gets_the_same_replies() {
 
     let mut raw = login(proxy.port(), db).await;
     let mut proxied = Vec::new();
-    let cut = 5;
+    // Right after asyncpg's prepare: the session moves with its batch open.
+    let cut = 6;
     for (i, s) in script.iter().enumerate() {
         if i == cut {
             let rows = proxy.admin("CUTOVER green").await.expect("CUTOVER answers");

@@ -55,6 +55,9 @@ pub struct Settings {
     /// connections logging in or out. Theirs are no bypass.
     pub members_pids: Vec<i32>,
     pub members_ports: Vec<i32>,
+    /// This proxy's sessions on the source that a pause holds without waiting for
+    /// them (a quiet batch's implicit transaction looks open on the server).
+    pub quiescent_pids: Vec<i32>,
     /// Outside a cutover, in a fleet: ask the other members (a census) which of
     /// the source's backends, by the source backend's name, are theirs.
     pub census: Option<(Arc<crate::fleet::Fleet>, String)>,
@@ -69,6 +72,7 @@ impl Settings {
             other_subscriptions: config.cutover.other_subscriptions.clone(),
             members_pids: Vec::new(),
             members_ports: Vec::new(),
+            quiescent_pids: Vec::new(),
             census: None,
         }
     }
@@ -119,8 +123,9 @@ pub async fn check_common(db: &str, src: &Client, dst: &Client, our_pids: &[i32]
     let long = src
         .query(
             "SELECT 'pid ' || pid || ' open for ' || round(extract(epoch FROM now() - xact_start)::numeric, 1) || ' s' FROM pg_stat_activity \
-             WHERE backend_type = 'client backend' AND datname = current_database() AND xact_start < now() - make_interval(secs => $1) AND pid <> pg_backend_pid()",
-            &[&secs],
+             WHERE backend_type = 'client backend' AND datname = current_database() AND xact_start < now() - make_interval(secs => $1) AND pid <> pg_backend_pid() \
+             AND pid <> ALL($2)",
+            &[&secs, &settings.quiescent_pids],
         )
         .await?;
     checks.push(Check::new(format!("{db}: no transaction open longer than drain_timeout"), false, list(long)));
@@ -242,6 +247,7 @@ pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<C
     }
     let our_pids = proxy.sessions.pids_on(&source.name);
     let mut settings = Settings::of(&config, &source.config.admin_user);
+    settings.quiescent_pids = proxy.sessions.quiescent_pids_on(&source.name);
     settings.census = proxy.fleet().map(|f| (f, source.name.clone()));
     let mut all = Vec::new();
     for (i, db) in names.into_iter().enumerate() {

@@ -347,6 +347,7 @@ impl Run {
         let mut settings = preflight::Settings::of(&self.config, &self.source.config.admin_user);
         settings.members_pids = members.pids;
         settings.members_ports = members.ports;
+        settings.quiescent_pids = self.proxy.sessions.quiescent_pids_on(&self.source.name);
         self.physical = physical::physical_mode(&self.source.name, &self.target.name, &self.target.config, &self.databases[0].dst).await?;
         if self.physical {
             self.report.kind = "physical";

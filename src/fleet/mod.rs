@@ -244,7 +244,7 @@ impl Fleet {
         // A tag no live member uses.
         let taken: Vec<u16> = self.view().members.values().filter(|m| m.name != self.name).map(|m| m.tag).collect();
         let tag = loop {
-            let t = rand::random::<u16>() & 0x7fff;
+            let t = rand::random::<u16>() & crate::session::registry::TAG_MASK;
             if t != 0 && !taken.contains(&t) {
                 break t;
             }
@@ -450,7 +450,7 @@ impl Fleet {
 
     /// Where a cancel key minted by another member goes: that member's address.
     pub fn owner_of(&self, pid: i32) -> Option<String> {
-        let tag = (pid >> 16) as u16;
+        let tag = crate::session::registry::tag_of(pid);
         if tag == self.tag() {
             return None;
         }

@@ -113,6 +113,21 @@ mod tests {
         assert!(end.contains("BackendProtocol") || end.contains("ClientGone"), "{end}");
     }
 
+    /// A ReadyForQuery or NotificationResponse too short for its contents ends the
+    /// session with a protocol error, alone or with more frames behind it (the
+    /// next frame's bytes are never read as its contents).
+    #[tokio::test]
+    async fn a_backend_frame_too_short_for_its_contents_ends_the_session() {
+        let query = frame(b'Q', b"SELECT 1\0");
+        let short_ready = [b'Z', 0, 0, 0, 4];
+        let short_notify = frame(b'A', &[0, 0, 4, 210, 0]);
+        for backend in [short_ready.to_vec(), [short_ready.to_vec(), frame(b'Z', b"I")].concat(), [short_notify.clone(), frame(b'Z', b"I")].concat()] {
+            let (_, to_client, end) = relay_bytes(&query, &backend).await.unwrap();
+            assert!(end.contains("BackendProtocol"), "{backend:?}: {end}");
+            assert!(!to_client.windows(6).any(|w| w == frame(b'Z', b"I").as_slice()), "the next frame was passed as if the short one were whole: {to_client:?}");
+        }
+    }
+
     /// Polls the relay (which must not stop) until `until` is done.
     async fn relay_until<F: std::future::Future>(relay: &mut Relay, until: F) -> F::Output {
         tokio::pin!(until);

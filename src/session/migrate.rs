@@ -128,6 +128,21 @@ pub async fn simple_query_bytes(stream: &mut Stream, sql: &[u8], asynchronous: &
     collect(stream, asynchronous, 1).await
 }
 
+/// Sends a Sync and waits for its ReadyForQuery: closes an open extended batch.
+pub async fn sync(stream: &mut Stream, asynchronous: &mut Async) -> Result<(), MigrateError> {
+    stream.write_all(&write::SYNC).await?;
+    collect(stream, asynchronous, 1).await.map(drop)
+}
+
+/// Sends a Parse message as the client sent it, and a Sync; an error is returned.
+pub async fn parse_again(stream: &mut Stream, parse: &[u8], asynchronous: &mut Async) -> Result<(), MigrateError> {
+    let mut out = BytesMut::with_capacity(parse.len() + 5);
+    out.extend_from_slice(parse);
+    out.extend_from_slice(&write::SYNC);
+    stream.write_all(&out).await?;
+    collect(stream, asynchronous, 1).await.map(drop)
+}
+
 /// Reads until `readies` ReadyForQuery messages have come; returns DataRows.
 async fn collect(stream: &mut Stream, asynchronous: &mut Async, mut readies: usize) -> Result<Vec<Row>, MigrateError> {
     let mut rows = Vec::new();

@@ -249,6 +249,13 @@ impl Session {
                 self.relay.want.prepare = true;
             }
             Step::Control(Control::Discard) => self.discard(),
+            Step::Control(Control::CancelHeld(reply)) => {
+                let answered = self.relay.cancel_held();
+                if answered {
+                    self.release();
+                }
+                let _ = reply.send(answered);
+            }
             Step::Control(Control::Migrate(reply)) => {
                 if self.proxy.active_backend().name == self.relay.backend.target.name {
                     let _ = reply.send(Moved::Moved);

@@ -14,14 +14,29 @@ use crate::backend::{BackendConn, BackendTarget};
 use crate::protocol::{sqlstate, write, PgError};
 
 impl Session {
-    /// Turns a block the proxy aborted back into an idle backend (the client's view
-    /// is kept by the relay), so that the backend can be asked about the session.
-    async fn unabort(&mut self, asynchronous: &mut migrate::Async) -> Result<(), migrate::MigrateError> {
+    /// Brings the backend to a point where it can be asked about the session (the
+    /// client's view is kept by the relay): a block the proxy aborted is rolled
+    /// back, a quiet batch (prepares only, see `Pipeline::quiet_batch`) is closed
+    /// with a Sync of the proxy's own, which changes nothing the client can see.
+    async fn settle(&mut self, asynchronous: &mut migrate::Async) -> Result<(), migrate::MigrateError> {
         if self.relay.ended == Ended::Aborted {
             migrate::simple_query(&mut self.relay.backend.stream, "ROLLBACK", asynchronous).await?;
             self.relay.ended = Ended::RolledBack;
         }
+        if self.relay.pipeline.quiet_batch() {
+            migrate::sync(&mut self.relay.backend.stream, asynchronous).await?;
+            self.relay.pipeline.closed();
+        }
         Ok(())
+    }
+
+    /// Parses the unnamed statement a quiet batch prepared again on the session's
+    /// backend (a state read's simple query dropped it; a new backend never had it).
+    async fn restore_unnamed(&mut self, asynchronous: &mut migrate::Async) -> Result<(), migrate::MigrateError> {
+        match &self.relay.unnamed_parse {
+            Some(parse) => migrate::parse_again(&mut self.relay.backend.stream, parse, asynchronous).await,
+            None => Ok(()),
+        }
     }
 
     /// Copies the session's state (read on its idle backend) onto `conn`, reads it
@@ -37,8 +52,9 @@ impl Session {
         let login_user = self.relay.info.user.clone();
         let standby = conn.params.iter().any(|(name, value)| name == "in_hot_standby" && value == "on");
         let copied = async {
-            self.unabort(&mut old_async).await?;
+            self.settle(&mut old_async).await?;
             let read = migrate::read_state(&mut self.relay.backend.stream, &self.relay.custom, &mut old_async).await?;
+            self.restore_unnamed(&mut old_async).await?;
             let mut state = read.clone();
             let later = standby.then(|| std::mem::take(&mut state.channels));
             // The target is someone else's server: a lock queue there (a standby's
@@ -60,10 +76,11 @@ impl Session {
             }
         }
         .await;
+        let old = self.relay.backend.target.clone();
         let old_pid = self.relay.backend.key.pid;
-        self.deliver(old_async, old_pid, None);
+        self.deliver(old_async, Some(&old.name), old_pid, None);
         let mut params = params::Params::from(&conn.params);
-        self.deliver(new_async, conn.key.pid, Some(&mut params));
+        self.deliver(new_async, None, conn.key.pid, Some(&mut params));
         conn.params = params.to_vec();
         copied
     }
@@ -92,14 +109,17 @@ impl Session {
     }
 
     /// Hands the client what a backend said on its own while the proxy asked it
-    /// something: notifications with the client's pid, ParameterStatus folded into
+    /// something: notifications with the pids clients know (the session's own, or
+    /// on `backend` another session's minted pid), ParameterStatus folded into
     /// `params` (the new backend's, diffed at the swap) or passed on.
-    fn deliver(&mut self, frames: migrate::Async, backend_pid: i32, mut params: Option<&mut params::Params>) {
+    fn deliver(&mut self, frames: migrate::Async, backend: Option<&str>, backend_pid: i32, mut params: Option<&mut params::Params>) {
         for mut frame in frames {
             match frame.first() {
                 Some(b'A') if frame.len() >= 9 => {
-                    if frame[5..9] == backend_pid.to_be_bytes() {
-                        frame[5..9].copy_from_slice(&self.relay.info.key.pid.to_be_bytes());
+                    let sender = i32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]);
+                    let minted = if sender == backend_pid { Some(self.relay.info.key.pid) } else { backend.and_then(|b| self.relay.info.minted_pid_of(b, sender)) };
+                    if let Some(minted) = minted {
+                        frame[5..9].copy_from_slice(&minted.to_be_bytes());
                     }
                     self.relay.to_client.extend(&frame);
                 }
@@ -178,12 +198,15 @@ impl Session {
         if let (false, Some(before)) = (current, &copied) {
             let mut asynchronous = Vec::new();
             let read = async {
-                self.unabort(&mut asynchronous).await?;
-                migrate::read_state(&mut self.relay.backend.stream, &self.relay.custom, &mut asynchronous).await
+                self.settle(&mut asynchronous).await?;
+                let now = migrate::read_state(&mut self.relay.backend.stream, &self.relay.custom, &mut asynchronous).await?;
+                self.restore_unnamed(&mut asynchronous).await?;
+                Ok::<_, migrate::MigrateError>(now)
             };
             current = matches!(read.await, Ok(now) if now == *before);
+            let old = self.relay.backend.target.clone();
             let old_pid = self.relay.backend.key.pid;
-            self.deliver(asynchronous, old_pid, None);
+            self.deliver(asynchronous, Some(&old.name), old_pid, None);
         }
         if !current {
             match self.copy_state(&mut new, copied.is_some()).await {
@@ -231,6 +254,15 @@ impl Session {
         let old = std::mem::replace(&mut self.relay.backend, BackendSide { stream: new.stream, target: target.clone(), key: new.key, port: new.port });
         self.info().set_backend(BackendLink { target: target.clone(), key: new.key });
         tracing::debug!(session = id, to = %target.name, "session moved");
+        if self.relay.unnamed_parse.is_some() {
+            let mut asynchronous = Vec::new();
+            if let Err(e) = self.restore_unnamed(&mut asynchronous).await {
+                // The client's next Bind of it gets PostgreSQL's own error.
+                tracing::warn!(session = id, error = %e, "the unnamed statement could not be parsed again on the new backend");
+            }
+            let pid = new.key.pid;
+            self.deliver(asynchronous, Some(&target.name), pid, None);
+        }
         tokio::spawn(terminate_backend(old.stream, old.port));
         Ok(())
     }
@@ -257,7 +289,7 @@ impl Session {
         let mut asynchronous = Vec::new();
         let rows = migrate::simple_query_bytes(&mut conn.stream, &sql, &mut asynchronous).await;
         let mut params = params::Params::from(&conn.params);
-        self.deliver(asynchronous, conn.key.pid, Some(&mut params));
+        self.deliver(asynchronous, None, conn.key.pid, Some(&mut params));
         conn.params = params.to_vec();
         match rows?.last().map(|r| r.as_slice()) {
             Some([Some(recovering), Some(writable)]) if recovering == b"false" && writable == b"true" => Ok(()),

@@ -56,6 +56,11 @@ impl Frontend {
         }
     }
 
+    /// A message of the extended protocol (answered up to the next Sync).
+    pub fn is_extended(self) -> bool {
+        matches!(self, Frontend::Parse | Frontend::Bind | Frontend::Describe | Frontend::Execute | Frontend::Close)
+    }
+
     /// Part of a COPY FROM STDIN data stream rather than a request of its own.
     pub fn is_copy(self) -> bool {
         matches!(self, Frontend::CopyData | Frontend::CopyDone | Frontend::CopyFail)
@@ -184,6 +189,9 @@ pub struct Pipeline {
     /// The backend is reading COPY data from the client (it said CopyInResponse and
     /// the client has not sent CopyDone/CopyFail yet).
     copy_in: bool,
+    /// The open batch holds only Parse, Describe and Close, none of which failed:
+    /// it changed nothing on the server but its prepared statements.
+    inert: bool,
 }
 
 impl Pipeline {
@@ -201,6 +209,26 @@ impl Pipeline {
     /// Extended messages went out since the last Sync.
     pub fn batch_open(&self) -> bool {
         self.batch_open
+    }
+
+    /// A quiescent batch: open (no Sync yet), but holding only Parse, Describe and
+    /// Close that have all been answered without an error — asyncpg prepares every
+    /// statement this way, with a Flush. It runs nothing and writes nothing: the
+    /// session may be held, asked about its state and moved as if idle (the batch
+    /// is closed with a Sync of the proxy's own first, see [`Pipeline::closed`]).
+    pub fn quiet_batch(&self) -> bool {
+        self.batch_open && self.inert && self.owed.is_empty() && !self.copy_in
+    }
+
+    /// No batch is open, or the open one holds only Parse, Describe and Close so
+    /// far (answered or not).
+    pub fn prepares_only(&self) -> bool {
+        !self.batch_open || self.inert
+    }
+
+    /// The proxy closed a quiet batch with a Sync of its own (answered).
+    pub fn closed(&mut self) {
+        self.batch_open = false;
     }
 
     /// The proxy's own injected requests are still being answered.
@@ -242,7 +270,13 @@ impl Pipeline {
     }
 
     fn extended(&mut self, owed: Owed, ours: bool) {
+        if !self.batch_open {
+            self.inert = true;
+        }
         self.batch_open = true;
+        if matches!(owed, Owed::BindComplete | Owed::ExecuteDone) {
+            self.inert = false;
+        }
         self.push(owed, ours);
     }
 
@@ -285,6 +319,7 @@ impl Pipeline {
             Backend::CommandComplete | Backend::EmptyQuery | Backend::PortalSuspended if item.owed == Owed::ExecuteDone => drop(self.pop()),
             Backend::ErrorResponse if item.owed.is_extended() => {
                 // The backend skips everything up to the next Sync.
+                self.inert = false;
                 while self.head().is_some_and(|i| i.owed != Owed::SyncReady) {
                     self.pop();
                 }
@@ -390,6 +425,46 @@ mod tests {
         send(&mut p, &[F::Sync]);
         assert!(p.ready().drained);
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn a_batch_of_parse_and_describe_answered_after_a_flush_is_quiet_until_a_bind() {
+        // asyncpg's prepare: Parse, Describe, Flush and no Sync.
+        let mut p = Pipeline::default();
+        send(&mut p, &[F::Parse, F::Describe, F::Flush]);
+        assert!(!p.quiet_batch(), "answers are still owed");
+        p.received(B::ParseComplete);
+        p.received(B::ParameterDescription);
+        p.received(B::RowDescription);
+        assert!(p.quiet_batch());
+        assert!(!p.is_idle(), "the batch is still open");
+        send(&mut p, &[F::Close, F::Flush]);
+        p.received(B::CloseComplete);
+        assert!(p.quiet_batch(), "a Close keeps it quiet");
+        send(&mut p, &[F::Bind, F::Execute, F::Sync]);
+        assert!(!p.quiet_batch(), "a Bind runs something");
+        p.received(B::BindComplete);
+        p.received(B::CommandComplete);
+        assert!(!p.quiet_batch());
+        assert!(p.ready().drained);
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn a_failed_parse_is_no_quiet_batch_and_a_proxy_closed_one_is_idle() {
+        let mut p = Pipeline::default();
+        send(&mut p, &[F::Parse, F::Flush]);
+        p.received(B::ErrorResponse);
+        assert!(!p.quiet_batch(), "the backend skips to the client's Sync");
+        send(&mut p, &[F::Sync]);
+        assert!(p.ready().drained);
+        send(&mut p, &[F::Parse, F::Describe, F::Flush]);
+        p.received(B::ParseComplete);
+        p.received(B::NoData);
+        assert!(p.quiet_batch());
+        p.closed();
+        assert!(p.is_idle());
+        assert!(!p.quiet_batch());
     }
 
     #[test]

@@ -73,6 +73,10 @@ pub enum Control {
     Discard,
     /// Be on the active backend (move there at the next idle point), and say so.
     Migrate(tokio::sync::oneshot::Sender<Moved>),
+    /// The client cancelled: if a request is held at the gate, answer it as a
+    /// cancelled statement (57014) and never run it. Says whether it did; if not,
+    /// the cancel goes to the backend.
+    CancelHeld(tokio::sync::oneshot::Sender<bool>),
 }
 
 /// A connection to a cutover's target, opened before the pause.
@@ -132,6 +136,9 @@ pub struct SessionInfo {
     /// Held at the gate since (for SHOW SESSIONS).
     held_since: Mutex<Option<(Instant, SystemTime)>>,
     pub(super) mailbox: super::inbox::Mailbox,
+    /// Every session's server pid, to show clients the minted pid of the sender of a
+    /// notification (kept current by [`SessionInfo::set_backend`]).
+    server_pids: Arc<ServerPids>,
     /// What the session logged in with, to log in elsewhere on its behalf.
     pub startup_params: super::params::Params,
     pub creds: crate::auth::BackendCredentials,
@@ -207,8 +214,62 @@ impl SessionInfo {
     }
 
     pub fn set_backend(&self, link: BackendLink) {
-        *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = link;
+        let mut current = self.backend.lock().unwrap_or_else(|p| p.into_inner());
+        self.server_pids.relink(&current, Some(&link), self.key.pid);
+        *current = link;
     }
+
+    /// The pid a client of this proxy knows the server process `pid` on `backend`
+    /// by: the minted pid of the session that runs there, if any.
+    pub fn minted_pid_of(&self, backend: &str, pid: i32) -> Option<i32> {
+        self.server_pids.minted(backend, pid)
+    }
+}
+
+/// Which session runs on which server process: (backend, server pid) -> minted pid.
+#[derive(Default)]
+struct ServerPids(Mutex<HashMap<(u64, i32), i32>>);
+
+impl ServerPids {
+    fn key(backend: &str, pid: i32) -> (u64, i32) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        backend.hash(&mut h);
+        (h.finish(), pid)
+    }
+
+    fn relink(&self, old: &BackendLink, new: Option<&BackendLink>, minted: i32) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&Self::key(&old.target.name, old.key.pid));
+        if let Some(new) = new {
+            map.insert(Self::key(&new.target.name, new.key.pid), minted);
+        }
+    }
+
+    fn minted(&self, backend: &str, pid: i32) -> Option<i32> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&Self::key(backend, pid)).copied()
+    }
+}
+
+/// Real process ids stay below Linux's `PID_MAX_LIMIT` (2^22); every minted pid is
+/// at 2^30 or above, so none can name a real process (a client that passes its pid
+/// to `pg_terminate_backend` ends nobody else's backend).
+const MINTED_BASE: i32 = 1 << 30;
+/// A fleet member's tag: 14 bits above the 16 that number its sessions.
+pub const TAG_MASK: u16 = 0x3fff;
+
+/// A pid minted with `tag` (0: not in a fleet) and a random part.
+fn mint(tag: u16, rng: &mut impl Rng) -> i32 {
+    if tag == 0 {
+        MINTED_BASE | rng.gen_range(0..MINTED_BASE)
+    } else {
+        MINTED_BASE | (i32::from(tag & TAG_MASK) << 16) | rng.gen_range(1..=0xffff)
+    }
+}
+
+/// The fleet tag a minted pid carries.
+pub fn tag_of(pid: i32) -> u16 {
+    ((pid >> 16) as u16) & TAG_MASK
 }
 
 /// What a new session is registered with.
@@ -230,6 +291,7 @@ pub struct Registry {
     /// request that reaches another member is passed on to this one.
     tag: std::sync::atomic::AtomicU16,
     next_id: AtomicU64,
+    server_pids: Arc<ServerPids>,
     /// Counters of sessions that ended, so that totals never go down.
     pub ended: Totals,
 }
@@ -252,9 +314,9 @@ impl Totals {
 }
 
 impl Registry {
-    /// Mints every later pid with `tag` (15 bits) in its top bits.
+    /// Mints every later pid with `tag` (14 bits, see [`tag_of`]).
     pub fn set_tag(&self, tag: u16) {
-        self.tag.store(tag & 0x7fff, Ordering::Relaxed);
+        self.tag.store(tag & TAG_MASK, Ordering::Relaxed);
     }
 
     /// Sessions started since the proxy started.
@@ -273,9 +335,9 @@ impl Registry {
     pub fn register(self: &Arc<Self>, new: NewSession) -> (SessionGuard, super::inbox::Inbox) {
         let mut rng = rand::thread_rng();
         let mut map = self.lock();
-        let tag = i32::from(self.tag.load(Ordering::Relaxed));
+        let tag = self.tag.load(Ordering::Relaxed);
         let pid = loop {
-            let pid = if tag == 0 { rng.gen_range(1..i32::MAX) } else { (tag << 16) | rng.gen_range(1..=0xffff) };
+            let pid = mint(tag, &mut rng);
             if !map.contains_key(&pid) {
                 break pid;
             }
@@ -298,19 +360,21 @@ impl Registry {
             xacts: AtomicU64::new(0),
             held_since: Mutex::new(None),
             mailbox: Default::default(),
+            server_pids: self.server_pids.clone(),
             startup_params: new.startup_params,
             creds: new.creds,
         });
         map.insert(pid, info.clone());
+        self.server_pids.relink(&info.backend(), Some(&info.backend()), pid);
         let inbox = super::inbox::Inbox::new(info.clone());
         (SessionGuard { registry: self.clone(), info }, inbox)
     }
 
-    /// The backend link of the session this key belongs to, if the key is genuine.
-    pub fn lookup_cancel(&self, key: CancelKey) -> Option<BackendLink> {
+    /// The session this cancel key belongs to, if the key is genuine.
+    pub fn lookup_cancel(&self, key: CancelKey) -> Option<Arc<SessionInfo>> {
         let info = self.lock().get(&key.pid).cloned()?;
         let genuine: bool = info.key.secret.to_be_bytes().ct_eq(&key.secret.to_be_bytes()).into();
-        genuine.then(|| info.backend())
+        genuine.then_some(info)
     }
 
     pub fn list(&self) -> Vec<Arc<SessionInfo>> {
@@ -327,6 +391,12 @@ impl Registry {
     /// The server pids of the sessions on `backend`.
     pub fn pids_on(&self, backend: &str) -> Vec<i32> {
         self.on(backend).iter().map(|s| s.backend().key.pid).collect()
+    }
+
+    /// The server pids of the sessions on `backend` that nothing is running or
+    /// open for, as the proxy sees it (a pause holds them without waiting).
+    pub fn quiescent_pids_on(&self, backend: &str) -> Vec<i32> {
+        self.on(backend).iter().filter(|s| s.quiescent()).map(|s| s.backend().key.pid).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -346,6 +416,47 @@ pub struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.registry.lock().remove(&self.info.key.pid);
+        self.registry.server_pids.relink(&self.info.backend(), None, self.info.key.pid);
         self.registry.ended.absorb(&self.info);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// About 0.2 % of pids drawn from 1..2^31 fall below Linux's pid_max limit
+    /// (2^22): a client passing its minted pid to pg_terminate_backend could end
+    /// someone else's backend. Every minted pid lies above it.
+    #[test]
+    fn minted_pids_are_never_real_pids() {
+        let (_guard, _inbox, target, key) = crate::session::fuzzing::lone_session().unwrap();
+        let registry = Arc::new(Registry::default());
+        for _ in 0..20_000 {
+            let (session, _inbox) = registry.register(NewSession {
+                user: "u".into(),
+                database: "d".into(),
+                application_name: String::new(),
+                client_addr: String::new(),
+                backend: BackendLink { target: target.clone(), key },
+                tx_status: b'I',
+                startup_params: Default::default(),
+                creds: Default::default(),
+            });
+            assert!(session.info.key.pid >= 1 << 22, "minted pid {} could name a real process", session.info.key.pid);
+        }
+    }
+
+    /// A fleet member's pids carry its tag, read back to route a cancel.
+    #[test]
+    fn minted_pids_carry_their_fleet_tag() {
+        let mut rng = rand::thread_rng();
+        for tag in [1u16, 7, TAG_MASK] {
+            for _ in 0..10_000 {
+                let pid = mint(tag, &mut rng);
+                assert!(pid >= 1 << 22);
+                assert_eq!(tag_of(pid), tag);
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! proxy's own requests are swallowed.
 
 use super::{message, split_cstrings, Cancel, End, Event, Relay, INSPECT_LIMIT};
-use crate::protocol::frame::Scan;
+use crate::protocol::frame::{FrameError, Scan};
 use crate::protocol::read::parse_fields;
 use crate::protocol::sqlstate;
 use crate::session::ended::{self, Ended};
@@ -44,6 +44,19 @@ impl Relay {
                     if inb.len() < inspect.min(total) {
                         return None;
                     }
+                    // The frames the proxy looks into must have the size their
+                    // layout needs: a backend that breaks the protocol ends the
+                    // session, and never makes the proxy read the next frame as
+                    // this one's contents.
+                    let short = match msg {
+                        Backend::ReadyForQuery => total != 6,
+                        // pid, channel and payload (two NUL-terminated strings).
+                        Backend::Notification => total < 11,
+                        _ => false,
+                    };
+                    if short {
+                        return Some(Event::End(End::BackendProtocol(FrameError::TooShort { tag, len: (total - 1) as u32 })));
+                    }
                     if msg == Backend::ReadyForQuery {
                         self.on_ready(total);
                         continue;
@@ -51,10 +64,15 @@ impl Relay {
                     let answer = if msg.is_asynchronous() { self.pipeline.current() } else { self.pipeline.received(msg) };
                     match msg {
                         Backend::Notification => {
-                            let own = self.backend.key.pid.to_be_bytes();
-                            let frame = self.from_backend.data_mut();
-                            if total >= 9 && frame[5..9] == own {
-                                frame[5..9].copy_from_slice(&self.info.key.pid.to_be_bytes());
+                            // The sender's pid as its client knows it: the minted pid
+                            // of a session of this proxy; a sender from elsewhere
+                            // keeps its own.
+                            // Checked above: at least 9 bytes of the frame are here.
+                            let frame = self.from_backend.data();
+                            let pid = i32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]);
+                            let minted = if pid == self.backend.key.pid { Some(self.info.key.pid) } else { self.info.minted_pid_of(&self.backend.target.name, pid) };
+                            if let Some(minted) = minted {
+                                self.from_backend.data_mut()[5..9].copy_from_slice(&minted.to_be_bytes());
                             }
                             self.pass_backend(total, false);
                         }
@@ -156,7 +174,7 @@ impl Relay {
             return None;
         }
         match (self.ended, self.tx) {
-            (Ended::No, TxState::Idle) if !self.pipeline.batch_open() => {}
+            (Ended::No, TxState::Idle) if !self.pipeline.batch_open() || self.pipeline.quiet_batch() => {}
             (Ended::No, tx) => {
                 self.end_transaction();
                 self.ended = if tx == TxState::Failed { Ended::RolledBack } else { Ended::Owed40001 };

@@ -5,7 +5,7 @@ use bytes::BytesMut;
 
 use super::{message, End, Event, Relay};
 use crate::protocol::frame::Scan;
-use crate::protocol::write;
+use crate::protocol::{sqlstate, write, PgError};
 use crate::session::buffer::CHUNK;
 use crate::session::ended::{self, Ended};
 use crate::session::learn;
@@ -17,10 +17,10 @@ fn frame_len(b: &[u8]) -> Option<usize> {
     Some(len + 1)
 }
 
-/// Does the client's buffered input hold a Terminate among its whole frame headers?
-fn terminate_ahead(mut b: &[u8]) -> bool {
+/// Does the client's buffered input hold one of `tags` among its whole frame headers?
+fn tag_ahead(mut b: &[u8], tags: &[u8]) -> bool {
     while b.len() >= 5 {
-        if b[0] == b'X' {
+        if tags.contains(&b[0]) {
             return true;
         }
         match frame_len(b) {
@@ -43,7 +43,7 @@ impl Relay {
     fn walk_client(&mut self) -> Option<Event> {
         loop {
             if self.holding {
-                if terminate_ahead(self.from_client.data()) {
+                if tag_ahead(self.from_client.data(), b"X") {
                     // The client left while held: its request is dropped, never run.
                     return Some(Event::End(End::ClientGone(None)));
                 }
@@ -81,7 +81,7 @@ impl Relay {
                         }
                         learn::custom_settings(inb.data().get(5..avail).unwrap_or_default(), &mut self.custom);
                     }
-                    let starts = self.pipeline.is_idle() && !msg.is_copy() && msg != Frontend::Flush;
+                    let starts = (self.pipeline.is_idle() || self.quiet_batch()) && !msg.is_copy() && msg != Frontend::Flush;
                     if starts && self.ended == Ended::No && self.tx == TxState::Idle {
                         // INVARIANT: busy is published before the gate is read (see
                         // the gate): either the drain sees this request or it holds.
@@ -112,9 +112,8 @@ impl Relay {
                                 // block) fails and is over; an explicit one stays failed.
                                 let status = if self.tx == TxState::Idle { b'I' } else { b'E' };
                                 self.ended = if status == b'I' { Ended::No } else { Ended::RolledBack };
-                                let extended = matches!(msg, Frontend::Parse | Frontend::Bind | Frontend::Describe | Frontend::Execute | Frontend::Close);
                                 self.answer_client(ended::error_40001);
-                                if extended {
+                                if msg.is_extended() {
                                     self.skip_to_sync = Some(status);
                                 } else {
                                     self.answer_client(|out| write::ready_for_query(out, status));
@@ -133,10 +132,55 @@ impl Relay {
                             Ended::No | Ended::Aborted => {}
                         }
                     }
+                    self.remember_unnamed(msg, total);
                     self.pipeline.sent(msg, false);
                     self.pass_client(total, false);
                 }
             }
+        }
+    }
+
+    /// The client cancelled the request held at the gate: it never runs, and is
+    /// answered as PostgreSQL answers a statement cancelled at its start — 57014,
+    /// then ReadyForQuery (an extended batch skipped up to its Sync first). False
+    /// when no request is held (the cancel is for the backend).
+    pub fn cancel_held(&mut self) -> bool {
+        if !self.holding || !self.from_client.at_boundary() || !self.from_backend.at_boundary() {
+            return false;
+        }
+        let Ok(Scan::Frame { tag, total }) = self.from_client.scan() else { return false };
+        let msg = Frontend::of(tag);
+        // A held request starts with the client idle: it is answered idle.
+        let status = b'I';
+        self.pass_client(total, true);
+        self.answer_client(|out| write::error_response(out, &PgError::error(sqlstate::QUERY_CANCELED, "canceling statement due to user request")));
+        self.last_was_error = true;
+        if msg.is_extended() {
+            self.skip_to_sync = Some(status);
+        } else {
+            self.answer_client(|out| write::ready_for_query(out, status));
+            self.tx = TxState::from_status(status);
+            self.info.on_ready(status);
+        }
+        true
+    }
+
+    /// Keeps the Parse of an unnamed statement that a batch prepares without running
+    /// it (no Bind or Execute behind it yet): see `Relay::unnamed_parse`. A Bind,
+    /// an Execute or a simple Query (which drops the unnamed statement) ends that.
+    fn remember_unnamed(&mut self, msg: Frontend, total: usize) {
+        match msg {
+            Frontend::Parse => {
+                let inert = self.pipeline.prepares_only();
+                let frame = self.from_client.data();
+                let whole = frame.len() >= total;
+                let unnamed = frame.get(5) == Some(&0);
+                if unnamed {
+                    self.unnamed_parse = (inert && whole && !tag_ahead(&frame[total.min(frame.len())..], b"BE")).then(|| frame[..total].into());
+                }
+            }
+            Frontend::Bind | Frontend::Execute | Frontend::Query => self.unnamed_parse = None,
+            _ => {}
         }
     }
 

@@ -145,6 +145,10 @@ pub struct Relay {
     pub requests: u64,
     /// Custom setting names the session's statements may have set (see `learn`).
     pub custom: Vec<Box<str>>,
+    /// The Parse of the unnamed statement of a batch that has not run it yet (a
+    /// quiet batch's): a state read's simple query drops the unnamed statement, and
+    /// a move leaves it behind, so it is parsed again where the session goes on.
+    pub unnamed_parse: Option<Box<[u8]>>,
 }
 
 fn message(out: &mut IoBuf, tag: u8, body: &[u8]) {
@@ -180,6 +184,7 @@ impl Relay {
             busy_published: tx != b'I',
             requests: 0,
             custom: Vec::new(),
+            unnamed_parse: None,
         }
     }
 
@@ -193,7 +198,13 @@ impl Relay {
     /// holds nothing, and a batch answered locally involves no backend): a drain
     /// need not wait for this session.
     fn quiescent(&self) -> bool {
-        self.pipeline.is_idle() && (self.ended != Ended::No || self.tx == TxState::Idle)
+        (self.pipeline.is_idle() && (self.ended != Ended::No || self.tx == TxState::Idle)) || self.quiet_batch()
+    }
+
+    /// Outside any transaction, in a batch that ran nothing (see
+    /// [`Pipeline::quiet_batch`]): its next message may be held like a new request.
+    pub fn quiet_batch(&self) -> bool {
+        self.pipeline.quiet_batch() && self.ended == Ended::No && self.tx == TxState::Idle && self.skip_to_sync.is_none()
     }
 
     /// The backend may be swapped, or asked about the session's state, now: nothing
