@@ -156,6 +156,18 @@ pub enum BackendTlsMode {
     VerifyFull,
 }
 
+impl BackendTlsMode {
+    /// As written in proxy.toml, and as libpq's `sslmode` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendTlsMode::Disable => "disable",
+            BackendTlsMode::Prefer => "prefer",
+            BackendTlsMode::Require => "require",
+            BackendTlsMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
@@ -229,6 +241,12 @@ pub struct CutoverConfig {
     /// connection string without dbname (default: the target's host, port, admin
     /// user and password as the proxy sees them).
     pub reverse_conninfo: Option<String>,
+    /// Roles the fence covers besides those of the proxy's sessions and users:
+    /// applications' roles that reach the source some other way (a batch job, a
+    /// reporting tool). They lose LOGIN, their sessions are terminated and, where
+    /// the admin cannot ALTER SYSTEM, they are made read-only role by role.
+    #[serde(default)]
+    pub fence_roles: Vec<String>,
 }
 
 fn default_max_clients() -> usize {

@@ -21,8 +21,9 @@
 
 mod catchup;
 mod control;
+pub mod control_tls;
 mod error;
-mod fence;
+pub mod fence;
 mod fleet;
 pub mod hooks;
 pub mod journal;

@@ -89,13 +89,23 @@ pub async fn check(db: &str, src: &Client, dst: &Client, tables: &[String]) -> R
     let row = src
         .query_one(
             "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), \
-                    current_setting('max_logical_replication_workers')::int - (SELECT count(*) FROM pg_stat_subscription)::int",
+                    current_setting('max_logical_replication_workers')::int - (SELECT count(*) FROM pg_stat_subscription)::int, \
+                    current_setting('server_version_num')::int, \
+                    EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pg_create_subscription' AND pg_has_role(current_user, oid, 'MEMBER')), \
+                    has_database_privilege(current_database(), 'CREATE')",
             &[],
         )
         .await?;
-    let (superuser, workers): (bool, i32) = (row.get(0), row.get(1));
-    if !superuser {
-        missing.push("the source's admin user is not a superuser (CREATE SUBSCRIPTION needs one)".to_string());
+    let (superuser, workers, version, may_subscribe, may_create): (bool, i32, i32, bool, bool) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    // CREATE SUBSCRIPTION: a superuser before PostgreSQL 16; from 16 on, a member
+    // of pg_create_subscription with CREATE on the database (the connection to the
+    // target then needs a password, which the way back's connection carries).
+    if !superuser && version < 160000 {
+        missing.push("the source's admin user is not a superuser, and PostgreSQL before 16 lets only superusers CREATE SUBSCRIPTION (a managed service's own way back, or reverse_replication = false)".to_string());
+    } else if !superuser && !may_subscribe {
+        missing.push("the source's admin user may not CREATE SUBSCRIPTION: GRANT pg_create_subscription TO it".to_string());
+    } else if !superuser && !may_create {
+        missing.push("the source's admin user lacks CREATE on the database, which CREATE SUBSCRIPTION needs: GRANT CREATE ON DATABASE to it".to_string());
     }
     if workers < 1 {
         missing.push("the source has no free logical replication worker (max_logical_replication_workers)".to_string());
@@ -132,13 +142,11 @@ pub fn conninfo(target: &BackendConfig, configured: Option<&str>, database: &str
             if let Some(p) = &target.admin_password {
                 s.push_str(&format!(" password={}", quote_literal(p)));
             }
-            let sslmode = match target.tls {
-                BackendTlsMode::Disable => "disable",
-                BackendTlsMode::Prefer => "prefer",
-                BackendTlsMode::Require => "require",
-                BackendTlsMode::VerifyFull => "verify-full",
-            };
-            s.push_str(&format!(" sslmode={sslmode}"));
+            s.push_str(&format!(" sslmode={}", target.tls.as_str()));
+            // The CA file must be at the same path on the server that subscribes.
+            if let (BackendTlsMode::VerifyFull, Some(ca)) = (target.tls, &target.tls_ca) {
+                s.push_str(&format!(" sslrootcert={}", quote_literal(&ca.to_string_lossy())));
+            }
             s
         }
     };
