@@ -19,7 +19,12 @@
 //! sessions, a primary and its `pg_basebackup` copy) and prints its pause and worst
 //! stall beside the logical cutover's.
 //!
+//! `--source-version 12 --target-version 17` adds a cutover between servers of
+//! those major versions (the builds `scripts/prereqs --for-tests` installs) under the same load,
+//! printed beside a 15 -> 15 cutover of the same run.
+//!
 //!   cargo bench --bench cutover
+//!   cargo bench --bench cutover -- --source-version 12 --target-version 17
 //!   cargo bench --bench cutover -- --idle-sessions 16,1000
 //!   cargo bench --bench cutover -- --physical
 //!   cargo bench --bench cutover -- --fleet 3
@@ -262,6 +267,27 @@ async fn bench() -> anyhow::Result<()> {
         println!("    leader's phases: {}", phases.join(", "));
         println!("  fleet pause - single pause = {:+.1} ms (goal: at most +20); fleet pause / single pause = {:.2}; worst stall ratio {:.2}", pf - p1, pf / p1.max(0.001), sf / s1.max(0.001));
     }
+    if let Some((from, to)) = versions() {
+        let options = |major: u32| -> anyhow::Result<ClusterOptions> { Ok(ClusterOptions { bin: Some(pgcutover::cluster::major_bin_dir(major)?), ..Default::default() }) };
+        let (source, target) = (options(from)?, options(to)?);
+        let versions = Pair { blue: pgcutover::cluster::Cluster::start(&format!("blue-{from}"), &source)?, green: pgcutover::cluster::Cluster::start(&format!("green-{to}"), &target)? };
+        for c in [&versions.blue, &versions.green] {
+            c.execute("postgres", &format!("CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'")).await?;
+        }
+        setup(&versions, "bench_versions").await?;
+        let mut cross = through_proxy(versions.blue.port, versions.green.port, false, "bench_versions", 0, seconds, at).await?;
+        setup(&pair, "bench_same_version").await?;
+        let mut same = through_proxy(pair.blue.port, pair.green.port, false, "bench_same_version", 0, seconds, at).await?;
+        unfence(&pair).await?;
+        let pause = |r: &str| serde_json::from_str::<serde_json::Value>(r).map(|v| v["pause_ms"].as_f64().unwrap_or(0.0)).unwrap_or(0.0);
+        let (pc, ps) = (pause(&cross.2), pause(&same.2));
+        let (wc, ws) = (percentile(&mut cross.0.window, 1.0), percentile(&mut same.0.window, 1.0));
+        println!("
+a cutover across major versions and one within, the same load ({} clients), ms:", env_or::<u32>("BENCH_CLIENTS", 16));
+        println!("  {from} -> {to}: pause {pc:>8.1}  worst stall {wc:>8.1}  failed {}", cross.0.failed);
+        println!("  15 -> 15: pause {ps:>8.1}  worst stall {ws:>8.1}  failed {}", same.0.failed);
+        println!("  pause ratio {from}->{to} / 15->15 = {:.2}; worst stall ratio {:.2}", pc / ps.max(0.001), wc / ws.max(0.001));
+    }
     if std::env::args().any(|a| a == "--physical") {
         let (lat, switch, report) = switchover(most, seconds, at).await?;
         runs.push((most, lat, switch, report));
@@ -398,6 +424,13 @@ async fn through_proxy(blue: u16, green: u16, standby: bool, db: &str, n: usize,
 }
 
 /// `--fleet N`.
+/// `--source-version N --target-version M`.
+fn versions() -> Option<(u32, u32)> {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok());
+    Some((value("--source-version")?, value("--target-version")?))
+}
+
 fn fleet_size() -> Option<usize> {
     let args: Vec<String> = std::env::args().collect();
     let i = args.iter().position(|a| a == "--fleet")?;

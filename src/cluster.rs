@@ -67,6 +67,26 @@ pub struct ClusterOptions {
     pub hba: Vec<String>,
     /// PEM certificate and key: the server then accepts TLS.
     pub tls: Option<(String, String)>,
+    /// The server programs to use (default: [`bin_dir`]); see [`major_bin_dir`].
+    pub bin: Option<PathBuf>,
+    /// As a managed service: TCP connections only over TLS (`hostssl` lines, as
+    /// RDS's `rds.force_ssl = 1`), with SCRAM passwords for everyone. The Unix
+    /// socket keeps trusting the superuser (the fixture's own, the provider's).
+    pub hostssl_only: bool,
+}
+
+/// Where scripts/prereqs puts the server builds of each major version.
+pub const MAJOR_BIN_ROOT: &str = "/opt/pgcutover/pg";
+
+/// The server programs of PostgreSQL `major` (12..18) that scripts/prereqs
+/// installs under [`MAJOR_BIN_ROOT`].
+pub fn major_bin_dir(major: u32) -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(MAJOR_BIN_ROOT).join(major.to_string()).join("bin");
+    if dir.join("initdb").exists() {
+        Ok(dir)
+    } else {
+        bail!("PostgreSQL {major}'s server programs are not in {}: run scripts/prereqs --for-tests", dir.display())
+    }
 }
 
 pub struct Cluster {
@@ -79,7 +99,10 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(name: &str, options: &ClusterOptions) -> anyhow::Result<Cluster> {
-        let bin = bin_dir().context("PostgreSQL server programs (initdb, pg_ctl) not found; install postgresql")?;
+        let bin = match &options.bin {
+            Some(b) => b.clone(),
+            None => bin_dir().context("PostgreSQL server programs (initdb, pg_ctl) not found; install postgresql")?,
+        };
         let dir = tempfile::Builder::new().prefix(&format!("pgcutover-{name}-")).tempdir()?.keep();
         let ids = if is_root() { Some(postgres_ids()?) } else { None };
         if let Some((uid, gid)) = ids {
@@ -125,10 +148,19 @@ impl Cluster {
         text.push('\n');
         std::fs::write(&conf_path, text)?;
 
-        let mut hba: Vec<String> = vec!["local all all trust".into(), "host all postgres 127.0.0.1/32 trust".into(), "host replication postgres 127.0.0.1/32 trust".into()];
+        let mut hba: Vec<String> = if options.hostssl_only {
+            vec!["local all all trust".into(), "local replication all trust".into()]
+        } else {
+            vec!["local all all trust".into(), "host all postgres 127.0.0.1/32 trust".into(), "host replication postgres 127.0.0.1/32 trust".into()]
+        };
         hba.extend(options.hba.iter().cloned());
-        hba.push("host all all 127.0.0.1/32 scram-sha-256".into());
-        hba.push("hostssl all all 127.0.0.1/32 scram-sha-256".into());
+        if options.hostssl_only {
+            hba.push("hostssl all all 127.0.0.1/32 scram-sha-256".into());
+            hba.push("hostssl replication all 127.0.0.1/32 scram-sha-256".into());
+        } else {
+            hba.push("host all all 127.0.0.1/32 scram-sha-256".into());
+            hba.push("hostssl all all 127.0.0.1/32 scram-sha-256".into());
+        }
         std::fs::write(cluster.data().join("pg_hba.conf"), hba.join("\n") + "\n")?;
 
         let log = cluster.dir.join("server.log");

@@ -117,7 +117,15 @@ pub async fn execute(proxy: &Arc<Proxy>, sql: &str) -> Result<ResultSet, PgError
             let checks = crate::cutover::check(proxy, target.as_deref()).await.map_err(|e| PgError::error(sqlstate::CONNECTION_FAILURE, format!("{e:#}")))?;
             let mut rs = ResultSet::new(&["check", "status", "detail"]);
             for c in checks {
-                let status = if c.ok { "ok" } else if c.guards_data || !force { "fail" } else { "skipped (--force)" };
+                let status = if c.ok && c.detail.starts_with("note: ") {
+                    "note"
+                } else if c.ok {
+                    "ok"
+                } else if c.guards_data || !force {
+                    "fail"
+                } else {
+                    "skipped (--force)"
+                };
                 rs.row(vec![Some(c.name), Some(status.into()), Some(c.detail)]);
             }
             Ok(rs.tag("CHECK"))

@@ -35,14 +35,24 @@ pub struct Subscription {
 
 /// Every subscription of the target's current database, matched with the logical
 /// slots of the source's same database.
+///
+/// Before PostgreSQL 15 a role that is not a superuser may read every column of
+/// pg_subscription but its oid: the oid then comes from pg_stat_subscription by
+/// name (names repeat across databases: the one with tables in this database).
 pub async fn subscriptions(src: &Client, dst: &Client) -> Result<Vec<Subscription>, tokio_postgres::Error> {
-    let rows = dst
-        .query(
-            "SELECT oid, subname::text, subenabled, subslotname::text FROM pg_subscription \
-             WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY subname",
-            &[],
-        )
-        .await?;
+    let oid_readable: bool = dst.query_one("SELECT has_column_privilege('pg_catalog.pg_subscription', 'oid', 'SELECT')", &[]).await?.get(0);
+    let sql = if oid_readable {
+        "SELECT oid, subname::text, subenabled, subslotname::text FROM pg_subscription \
+         WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY subname"
+    } else {
+        "SELECT w.subid, s.subname::text, s.subenabled, s.subslotname::text FROM pg_subscription s \
+         JOIN (SELECT DISTINCT subid, subname FROM pg_stat_subscription) w ON w.subname = s.subname \
+         WHERE s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND (NOT EXISTS (SELECT 1 FROM pg_stat_subscription o WHERE o.subname = s.subname AND o.subid <> w.subid) \
+                OR w.subid IN (SELECT srsubid FROM pg_subscription_rel)) \
+         ORDER BY s.subname"
+    };
+    let rows = dst.query(sql, &[]).await?;
     let slots = src
         .query("SELECT slot_name::text, active_pid FROM pg_replication_slots WHERE slot_type = 'logical' AND database = current_database()", &[])
         .await?;

@@ -119,7 +119,15 @@ impl CutoverError {
 
 impl From<anyhow::Error> for CutoverError {
     fn from(e: anyhow::Error) -> Self {
-        CutoverError::Database(format!("{e:#}"))
+        // A database error says what the server said, never a bare "db error".
+        match e.chain().find_map(|c| c.downcast_ref::<tokio_postgres::Error>()) {
+            Some(db) if db.as_db_error().is_some() => {
+                let context: Vec<String> = e.chain().take_while(|c| c.downcast_ref::<tokio_postgres::Error>().is_none()).map(|c| c.to_string()).collect();
+                let described = crate::cutover::control::describe(db);
+                CutoverError::Database(if context.is_empty() { described } else { format!("{}: {described}", context.join(": ")) })
+            }
+            _ => CutoverError::Database(format!("{e:#}")),
+        }
     }
 }
 

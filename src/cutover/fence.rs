@@ -7,24 +7,94 @@
 //! already running keeps its read-write state until it ends, so the fence may run
 //! while the drain does.
 //!
+//! Where the admin user may not ALTER SYSTEM (a managed service: no superuser, no
+//! reload), the fence is role-level: each application role is made read-only in
+//! every database the cutover covers (`ALTER ROLE … IN DATABASE … SET`, for its new
+//! sessions), loses LOGIN, and its sessions that bypass the proxy are terminated;
+//! the proxy's own are held at the gate. Roles nobody listed are not covered:
+//! preflight names those that could still write.
+//!
 //! Each step is journaled before it is made; [`undo`] reverses what the journal
-//! holds, exactly: the roles that had LOGIN get it back, postgresql.auto.conf gets
-//! back the value it held.
+//! holds, exactly: the roles that had LOGIN get it back, postgresql.auto.conf and
+//! the roles' settings get back the values they held.
 
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
 use super::hooks::Hooks;
-use super::journal::{Entry, Journal};
+use super::journal::{Entry, Journal, RoleSetting};
 use super::CutoverError;
 use crate::session::migrate::{quote_ident, quote_literal};
+
+/// Which fence a source gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FenceKind {
+    /// `default_transaction_read_only` server-wide (ALTER SYSTEM and a reload),
+    /// LOGIN taken, bypassing sessions terminated.
+    #[default]
+    ServerWide,
+    /// The admin may not ALTER SYSTEM: the application roles made read-only one by
+    /// one, LOGIN taken, bypassing sessions terminated.
+    RoleLevel,
+}
+
+impl FenceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FenceKind::ServerWide => "server-wide",
+            FenceKind::RoleLevel => "role-level",
+        }
+    }
+
+    /// The fence the admin user of `c` can make: server-wide only as a superuser
+    /// (ALTER SYSTEM, pg_reload_conf and pg_file_settings all need it by default).
+    pub async fn of(c: &Client) -> Result<FenceKind, tokio_postgres::Error> {
+        let superuser: bool = c.query_one("SELECT current_setting('is_superuser') = 'on'", &[]).await?.get(0);
+        Ok(if superuser { FenceKind::ServerWide } else { FenceKind::RoleLevel })
+    }
+}
 
 /// What a fence did, for the report.
 #[derive(Debug, Default)]
 pub struct Fenced {
     pub roles: Vec<String>,
     pub terminated: usize,
+    pub kind: FenceKind,
+}
+
+/// The role-level read-only settings `roles` hold now in `databases`.
+async fn role_settings(c: &Client, roles: &[String], databases: &[String]) -> Result<Vec<RoleSetting>, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT r.rolname::text, d.datname::text, \
+                    (SELECT substr(s, length('default_transaction_read_only=') + 1) FROM pg_db_role_setting x, unnest(x.setconfig) s \
+                      WHERE x.setrole = r.oid AND x.setdatabase = d.oid AND s LIKE 'default_transaction_read_only=%') \
+             FROM pg_roles r, pg_database d WHERE r.rolname = ANY($1) AND d.datname = ANY($2) ORDER BY 1, 2",
+            &[&roles, &databases],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| RoleSetting { role: r.get(0), database: r.get(1), previous: r.get(2) }).collect())
+}
+
+/// Sets each role's read-only setting in its database to `value` (None: RESET), in
+/// one round trip.
+async fn set_role_settings<'a>(c: &Client, settings: impl IntoIterator<Item = (&'a RoleSetting, Option<&'a str>)>) -> Result<(), tokio_postgres::Error> {
+    let sql: String = settings
+        .into_iter()
+        .map(|(s, value)| {
+            let head = format!("ALTER ROLE {} IN DATABASE {}", quote_ident(&s.role), quote_ident(&s.database));
+            match value {
+                Some(v) => format!("{head} SET default_transaction_read_only = {};", quote_literal(v)),
+                None => format!("{head} RESET default_transaction_read_only;"),
+            }
+        })
+        .collect();
+    if !sql.is_empty() {
+        c.batch_execute(&sql).await?;
+    }
+    Ok(())
 }
 
 /// Errors in the server's configuration files: a reload cannot apply while there
@@ -95,11 +165,17 @@ async fn alter_roles(c: &Client, roles: &[String], option: &str) -> Result<(), t
     Ok(())
 }
 
-/// Gives LOGIN back to `roles` (a promoted standby, whose catalog came from the
-/// fenced source).
-pub async fn give_login(c: &Client, roles: &[String]) -> Result<(), CutoverError> {
+/// Gives LOGIN back to `roles` and their read-only settings back what they held
+/// before a role-level fence (`entries`: the journal) — a promoted standby, whose
+/// catalog came from the fenced source.
+pub async fn give_login(c: &Client, roles: &[String], entries: &[Entry]) -> Result<(), CutoverError> {
     c.batch_execute("SET default_transaction_read_only = off").await?;
     alter_roles(c, roles, "LOGIN").await?;
+    let settings: Vec<&RoleSetting> = entries.iter().filter_map(|e| match e {
+        Entry::RoleReadOnly { settings, .. } => Some(settings),
+        _ => None,
+    }).flatten().collect();
+    set_role_settings(c, settings.into_iter().map(|s| (s, s.previous.as_deref()))).await?;
     Ok(())
 }
 
@@ -114,6 +190,9 @@ pub struct Plan<'a> {
     /// out): theirs, never terminated.
     pub also_ours: &'a [i32],
     pub admin_user: &'a str,
+    /// The databases the cutover covers (a role-level fence sets each role
+    /// read-only in each of them).
+    pub databases: &'a [String],
 }
 
 /// Fences the source through `src`, journaling each side effect before making it.
@@ -121,6 +200,37 @@ pub struct Plan<'a> {
 /// Cancellation safety: dropping the future between two steps leaves the journal
 /// describing every step that may have been made; [`undo`] reverses them.
 pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: &Hooks) -> Result<Fenced, CutoverError> {
+    let kind = FenceKind::of(src).await?;
+    let (roles, terminated) = match kind {
+        FenceKind::ServerWide => server_wide(src, plan, journal, hooks).await?,
+        FenceKind::RoleLevel => role_level(src, plan, journal, hooks).await?,
+    };
+    Ok(Fenced { roles, terminated, kind })
+}
+
+/// The role-level fence: no ALTER SYSTEM, no reload.
+async fn role_level(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: &Hooks) -> Result<(Vec<String>, usize), CutoverError> {
+    let started = Instant::now();
+    let row = src
+        .query_one(
+            "SELECT (SELECT coalesce(array_agg(rolname::text ORDER BY rolname), '{}') FROM pg_roles WHERE rolname = ANY($1) AND rolcanlogin AND rolname <> $2), \
+                    (SELECT coalesce(array_agg(rolname::text ORDER BY rolname), '{}') FROM pg_roles WHERE rolname = ANY($1) AND rolname <> $2), \
+                    set_config('default_transaction_read_only', 'off', false)",
+            &[&plan.roles, &plan.admin_user],
+        )
+        .await?;
+    let can_login: Vec<String> = row.get(0);
+    let existing: Vec<String> = row.get(1);
+    let settings = role_settings(src, &existing, plan.databases).await?;
+    journal.record(Entry::RoleReadOnly { database: plan.database.into(), settings: settings.clone() }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
+    set_role_settings(src, settings.iter().map(|s| (s, Some("on")))).await?;
+    hooks.at("fence.read_only").await?;
+    let terminated = no_login_and_terminate(src, plan, &can_login, &existing, started, journal, hooks).await?;
+    Ok((can_login, terminated))
+}
+
+/// The server-wide fence (a superuser admin).
+async fn server_wide(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: &Hooks) -> Result<(Vec<String>, usize), CutoverError> {
     let started = Instant::now();
     // One round trip: the files' errors, postgresql.auto.conf's value, the roles
     // that can log in now, and this session writable whatever the fence does.
@@ -142,9 +252,16 @@ pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: 
     journal.record(Entry::ReadOnly { database: plan.database.into(), previous }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
     src.batch_execute("ALTER SYSTEM SET default_transaction_read_only = on").await?;
     hooks.at("fence.read_only").await?;
+    let terminated = no_login_and_terminate(src, plan, &roles, &roles, started, journal, hooks).await?;
+    Ok((roles, terminated))
+}
+
+/// The steps both fences share: LOGIN taken from `roles` (journaled), then the
+/// client backends of `terminate` that did not come through the proxy ended.
+async fn no_login_and_terminate(src: &Client, plan: &Plan<'_>, roles: &[String], terminate: &[String], started: Instant, journal: &mut Journal, hooks: &Hooks) -> Result<usize, CutoverError> {
     if !roles.is_empty() {
-        journal.record(Entry::NoLogin { database: plan.database.into(), roles: roles.clone() }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
-        alter_roles(src, &roles, "NOLOGIN").await?;
+        journal.record(Entry::NoLogin { database: plan.database.into(), roles: roles.to_vec() }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
+        alter_roles(src, roles, "NOLOGIN").await?;
     }
     hooks.at("fence.no_login").await?;
 
@@ -163,7 +280,7 @@ pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: 
                                     FROM pg_stat_get_backend_idset() i) b \
              WHERE port IS NOT NULL AND userid IN (SELECT oid FROM pg_roles WHERE rolname = ANY($1)) \
                AND pid <> pg_backend_pid() AND NOT (pid = ANY($2))",
-            &[&roles, &plan.keep_pids],
+            &[&terminate, &plan.keep_pids],
         )
         .await?;
     let mut ours = crate::backend::ports::ours_since(started);
@@ -180,7 +297,7 @@ pub async fn fence(src: &Client, plan: &Plan<'_>, journal: &mut Journal, hooks: 
         strangers = usize::try_from(row.get::<_, i64>(0)).unwrap_or(0);
     }
     hooks.at("fence.terminate").await?;
-    Ok(Fenced { roles, terminated: strangers })
+    Ok(strangers)
 }
 
 /// The fence's last step: the source reloads its configuration and is read-only
@@ -215,8 +332,21 @@ pub async fn open_target(dst: &Client, database: &str, roles: &[String], admin_u
         alter_roles(dst, &locked, "LOGIN").await?;
         done.push(format!("LOGIN given back to {}", locked.join(", ")));
     }
+    // A role-level fence an earlier cutover left, in any database.
+    let all: Vec<String> = dst.query("SELECT datname::text FROM pg_database WHERE datallowconn", &[]).await?.iter().map(|r| r.get(0)).collect();
+    let fenced: Vec<RoleSetting> = role_settings(dst, roles, &all).await?.into_iter().filter(|s| s.previous.as_deref().is_some_and(is_on)).collect();
+    if !fenced.is_empty() {
+        journal.record(Entry::TargetRoleWritable { database: database.into(), settings: fenced.clone() }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
+        set_role_settings(dst, fenced.iter().map(|s| (s, None))).await?;
+        done.push(format!("read-only settings reset for {}", fenced.iter().map(|s| format!("{} in {}", s.role, s.database)).collect::<Vec<_>>().join(", ")));
+    }
+    // Only a superuser reads postgresql.auto.conf (pg_file_settings) and could
+    // have written it.
+    if FenceKind::of(dst).await? == FenceKind::RoleLevel {
+        return Ok(done);
+    }
     let previous = auto_conf_value(dst).await?;
-    if let Some(previous) = previous.filter(|v| ["on", "true", "yes", "1"].contains(&v.to_ascii_lowercase().as_str())) {
+    if let Some(previous) = previous.filter(|v| is_on(v)) {
         journal.record(Entry::TargetWritable { database: database.into(), previous }).await.map_err(|e| CutoverError::Journal(e.to_string()))?;
         let before = load_time(dst).await?;
         // ALTER SYSTEM refuses to run in a (multi-statement) transaction block.
@@ -228,6 +358,10 @@ pub async fn open_target(dst: &Client, database: &str, roles: &[String], admin_u
     Ok(done)
 }
 
+fn is_on(v: &str) -> bool {
+    ["on", "true", "yes", "1"].contains(&v.to_ascii_lowercase().as_str())
+}
+
 /// Fences the target again as the journal says it was (a rollback of a cutover
 /// that had opened it).
 pub async fn undo_target(dst: &Client, entries: &[Entry]) -> Result<(), CutoverError> {
@@ -237,6 +371,11 @@ pub async fn undo_target(dst: &Client, entries: &[Entry]) -> Result<(), CutoverE
         _ => None,
     }).flatten().collect();
     alter_roles(dst, &opened, "NOLOGIN").await?;
+    let reset: Vec<RoleSetting> = entries.iter().filter_map(|e| match e {
+        Entry::TargetRoleWritable { settings, .. } => Some(settings.clone()),
+        _ => None,
+    }).flatten().collect();
+    set_role_settings(dst, reset.iter().map(|s| (s, s.previous.as_deref()))).await?;
     if let Some(previous) = entries.iter().find_map(|e| match e {
         Entry::TargetWritable { previous, .. } => Some(previous.clone()),
         _ => None,
@@ -259,6 +398,18 @@ pub async fn undo(src: &Client, entries: &[Entry]) -> Result<(), CutoverError> {
         _ => None,
     }).flatten().collect();
     alter_roles(src, &fenced, "LOGIN").await?;
+    // The first entry of a role's setting holds what was there before any fence.
+    let mut restored: Vec<&RoleSetting> = Vec::new();
+    for e in entries {
+        if let Entry::RoleReadOnly { settings, .. } = e {
+            for s in settings {
+                if !restored.iter().any(|r| r.role == s.role && r.database == s.database) {
+                    restored.push(s);
+                }
+            }
+        }
+    }
+    set_role_settings(src, restored.iter().map(|s| (*s, s.previous.as_deref()))).await?;
     // The first ReadOnly entry holds what was there before any fence step.
     let Some(previous) = entries.iter().find_map(|e| match e {
         Entry::ReadOnly { previous, .. } => Some(previous.clone()),

@@ -28,6 +28,19 @@ pub enum Entry {
     ReadOnly { database: String, previous: Option<String> },
     /// About to take LOGIN from these roles on the source (each had it).
     NoLogin { database: String, roles: Vec<String> },
+    /// About to `ALTER ROLE … IN DATABASE … SET default_transaction_read_only = on`
+    /// on the source (the role-level fence, where ALTER SYSTEM is not allowed);
+    /// each with what it held before.
+    RoleReadOnly {
+        database: String,
+        settings: Vec<RoleSetting>,
+    },
+    /// About to reset the role-level read-only settings an earlier fence left on
+    /// the target (a cutover back); each with what it held.
+    TargetRoleWritable {
+        database: String,
+        settings: Vec<RoleSetting>,
+    },
     /// About to `ALTER SYSTEM RESET default_transaction_read_only` on the target (a
     /// former source, fenced by an earlier cutover); `previous` is what
     /// postgresql.auto.conf held.
@@ -58,12 +71,23 @@ pub enum Entry {
     Finished { outcome: String },
 }
 
+/// A role's `default_transaction_read_only` in one database, as
+/// `pg_db_role_setting` held it (None: not set there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleSetting {
+    pub role: String,
+    pub database: String,
+    pub previous: Option<String>,
+}
+
 impl Entry {
     /// The database a step was made through, for the steps made in one.
     pub fn database(&self) -> Option<&str> {
         match self {
             Entry::ReadOnly { database, .. }
             | Entry::NoLogin { database, .. }
+            | Entry::RoleReadOnly { database, .. }
+            | Entry::TargetRoleWritable { database, .. }
             | Entry::TargetWritable { database, .. }
             | Entry::TargetLogin { database, .. }
             | Entry::ReversePublication { database, .. }

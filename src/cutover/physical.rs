@@ -273,9 +273,10 @@ impl Run {
         let bound = self.config.cutover.max_pause;
         let db = &self.databases[0];
         let roles = self.report.fenced_roles.clone();
+        let entries = self.journal.entries().to_vec();
         let promoted = async {
             let took = promote(&db.dst, bound).await?;
-            fence::give_login(&db.dst, &roles).await?;
+            fence::give_login(&db.dst, &roles, &entries).await?;
             Ok::<_, CutoverError>(took)
         }
         .await;

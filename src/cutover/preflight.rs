@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use serde::Serialize;
 use tokio_postgres::Client;
 
@@ -31,13 +32,98 @@ impl Check {
 
 impl std::fmt::Display for Check {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mark = if self.ok { "ok" } else if self.guards_data { "FAIL" } else { "WARN" };
+        let mark = if self.ok && self.detail.starts_with("note: ") {
+            "NOTE"
+        } else if self.ok {
+            "ok"
+        } else if self.guards_data {
+            "FAIL"
+        } else {
+            "WARN"
+        };
         if self.detail.is_empty() {
             write!(f, "{mark}: {}", self.name)
         } else {
             write!(f, "{mark}: {}: {}", self.name, self.detail)
         }
     }
+}
+
+/// The admin user lacks a privilege (42501).
+fn is_denied(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+}
+
+/// A check the admin user has no right to make: a note that says why and what
+/// would allow it (it refuses nothing); the other checks go on.
+fn not_checked(name: String, why: &str) -> Check {
+    Check { name, ok: true, guards_data: false, detail: format!("note: not checked: {why}") }
+}
+
+/// Which fence the source gets, the rights it needs, and (for a role-level fence)
+/// the roles it would not cover that could still write. (The way back's rights:
+/// `reverse::check`.)
+async fn rights(db: &str, src: &Client, settings: &Settings) -> anyhow::Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let kind = super::fence::FenceKind::of(src).await?;
+    if settings.fence {
+        // CREATEROLE for ALTER ROLE (and ADMIN OPTION on each role from 16 on),
+        // pg_signal_backend to end sessions that bypass the proxy.
+        let row = src
+            .query_one(
+                "SELECT current_setting('server_version_num')::int, \
+                        (SELECT rolcreaterole OR rolsuper FROM pg_roles WHERE rolname = current_user), \
+                        pg_has_role(current_user, 'pg_signal_backend', 'MEMBER'), \
+                        (SELECT coalesce(array_agg(rolname::text ORDER BY rolname), '{}') FROM pg_roles r WHERE r.rolname = ANY($1) AND r.rolname <> current_user \
+                           AND NOT r.rolsuper AND NOT pg_has_role(current_user, r.oid, 'MEMBER WITH ADMIN OPTION'))",
+                &[&settings.fence_roles],
+            )
+            .await?;
+        let (version, createrole, signal, no_admin): (i32, bool, bool, Vec<String>) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        let mut missing = Vec::new();
+        if kind == super::fence::FenceKind::RoleLevel {
+            if !createrole {
+                missing.push("CREATEROLE, to take LOGIN from the application roles (ALTER ROLE <admin> CREATEROLE)".to_string());
+            }
+            if version >= 160000 && !no_admin.is_empty() {
+                missing.push(format!("ADMIN OPTION on {} (PostgreSQL 16+: GRANT {} TO <admin> WITH ADMIN OPTION)", no_admin.join(", "), no_admin.join(", ")));
+            }
+            if !signal {
+                missing.push("pg_signal_backend, to end sessions that bypass the proxy (GRANT pg_signal_backend TO <admin>)".to_string());
+            }
+        }
+        checks.push(Check::new(format!("{db}: the admin user may fence the source ({} fence)", kind.as_str()), true, (!missing.is_empty()).then(|| format!("missing: {}", missing.join("; ")))));
+        if kind == super::fence::FenceKind::RoleLevel {
+            // Roles outside the fence that can log in and write a published table
+            // (oids materialized first: a privilege test by name stumbles on
+            // pg_toast before PostgreSQL 15).
+            let writers = src
+                .query(
+                    "WITH t AS MATERIALIZED (SELECT DISTINCT format('%I.%I', schemaname, tablename)::regclass::oid AS rel FROM pg_publication_tables) \
+                     SELECT DISTINCT r.rolname::text, r.rolsuper FROM pg_roles r, t \
+                     WHERE r.rolcanlogin AND NOT r.rolname = ANY($1) AND r.rolname <> current_user \
+                       AND has_table_privilege(r.oid, t.rel, 'INSERT, UPDATE, DELETE, TRUNCATE') ORDER BY 1",
+                    &[&settings.fence_roles],
+                )
+                .await?;
+            let (supers, others): (Vec<_>, Vec<_>) = writers.iter().partition(|r| r.get::<_, bool>(1));
+            let names = |rows: &[&tokio_postgres::Row]| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join(", ");
+            checks.push(Check::new(
+                format!("{db}: no role outside the fence can write on the source (the admin user cannot ALTER SYSTEM: the fence is role-level)"),
+                false,
+                (!others.is_empty()).then(|| format!("{} can log in and write published tables after the fence; list them in [cutover] fence_roles", names(&others))),
+            ));
+            if !supers.is_empty() {
+                checks.push(Check {
+                    name: format!("{db}: superusers can still write on the source"),
+                    ok: true,
+                    guards_data: false,
+                    detail: format!("note: {} (the provider's own): no fence covers a superuser", names(&supers)),
+                });
+            }
+        }
+    }
+    Ok(checks)
 }
 
 fn list(rows: Vec<tokio_postgres::Row>) -> Option<String> {
@@ -58,6 +144,10 @@ pub struct Settings {
     /// This proxy's sessions on the source that a pause holds without waiting for
     /// them (a quiet batch's implicit transaction looks open on the server).
     pub quiescent_pids: Vec<i32>,
+    /// The roles the fence covers: the proxy's users and `fence_roles`.
+    pub fence_roles: Vec<String>,
+    /// The fence runs (`fence_source`).
+    pub fence: bool,
     /// Outside a cutover, in a fleet: ask the other members (a census) which of
     /// the source's backends, by the source backend's name, are theirs.
     pub census: Option<(Arc<crate::fleet::Fleet>, String)>,
@@ -73,6 +163,13 @@ impl Settings {
             members_pids: Vec::new(),
             members_ports: Vec::new(),
             quiescent_pids: Vec::new(),
+            fence_roles: {
+                let mut roles: Vec<String> = config.auth.users.iter().map(|u| u.name.clone()).chain(config.cutover.fence_roles.iter().cloned()).collect();
+                roles.sort();
+                roles.dedup();
+                roles
+            },
+            fence: config.cutover.fence_source,
             census: None,
         }
     }
@@ -84,13 +181,17 @@ impl Settings {
 pub async fn check_common(db: &str, src: &Client, dst: &Client, our_pids: &[i32], settings: &Settings) -> anyhow::Result<Vec<Check>> {
     let mut checks = Vec::new();
     for (side, c) in [("source", src), ("target", dst)] {
-        let errors = super::fence::config_errors(c).await?;
-        checks.push(Check::new(
-            format!("{db}: the {side}'s configuration files have no errors (a reload must be able to apply)"),
-            true,
-            errors,
-        ));
+        let name = format!("{db}: the {side}'s configuration files have no errors (a reload must be able to apply)");
+        match super::fence::config_errors(c).await {
+            Ok(errors) => checks.push(Check::new(name, true, errors)),
+            Err(e) if is_denied(&e) => checks.push(not_checked(
+                name,
+                "pg_file_settings is readable by superusers only; on a managed service the provider validates settings, and the fence there is role-level (no reload)",
+            )),
+            Err(e) => return Err(e.into()),
+        }
     }
+    checks.extend(rights(db, src, settings).await?);
     let since = std::time::Instant::now();
     let mut our_pids: Vec<i32> = our_pids.iter().chain(&settings.members_pids).copied().collect();
     let rows = src
@@ -159,24 +260,37 @@ pub async fn check_database(
     let disabled: Vec<String> = from_source.iter().filter(|s| !s.enabled).map(|s| format!("subscription {} is disabled", s.name)).collect();
     checks.push(Check::new(format!("{db}: subscriptions enabled"), true, (!disabled.is_empty()).then(|| disabled.join(", "))));
     let oids: Vec<u32> = from_source.iter().map(|s| s.oid).collect();
-    let no_worker = dst
-        .query(
-            "SELECT s.subname::text FROM pg_subscription s WHERE s.oid = ANY($1) AND NOT EXISTS (SELECT 1 FROM pg_stat_subscription w WHERE w.subid = s.oid AND w.relid IS NULL AND w.pid IS NOT NULL)",
-            &[&oids],
-        )
-        .await?;
-    checks.push(Check::new(format!("{db}: subscription workers running"), true, list(no_worker).map(|l| format!("no apply worker for {l}"))));
+    // By oid, never through pg_subscription.oid (a non-superuser may not read it
+    // before PostgreSQL 15).
+    let working: Vec<u32> = dst
+        .query("SELECT DISTINCT subid FROM pg_stat_subscription WHERE subid = ANY($1) AND relid IS NULL AND pid IS NOT NULL", &[&oids])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let no_worker: Vec<&str> = from_source.iter().filter(|s| !working.contains(&s.oid)).map(|s| s.name.as_str()).collect();
+    checks.push(Check::new(format!("{db}: subscription workers running"), true, (!no_worker.is_empty()).then(|| format!("no apply worker for {}", no_worker.join(", ")))));
+    let names: Vec<&str> = from_source.iter().map(|s| s.name.as_str()).collect();
     let not_ready = dst
-        .query("SELECT s.subname || ': ' || srrelid::regclass::text || ' (' || srsubstate::text || ')' FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid WHERE s.oid = ANY($1) AND srsubstate <> 'r'", &[&oids])
+        .query(
+            "SELECT s.name || ': ' || srrelid::regclass::text || ' (' || srsubstate::text || ')' FROM pg_subscription_rel r JOIN unnest($1::oid[], $2::text[]) s(oid, name) ON s.oid = r.srsubid WHERE srsubstate <> 'r'",
+            &[&oids, &names],
+        )
         .await?;
     checks.push(Check::new(format!("{db}: every table synchronised (state r)"), true, list(not_ready)));
-    let errors = dst
-        .query(
-            "SELECT subname::text || ': ' || apply_error_count || ' apply, ' || sync_error_count || ' sync errors' FROM pg_stat_subscription_stats WHERE subid = ANY($1) AND (apply_error_count > 0 OR sync_error_count > 0)",
-            &[&oids],
-        )
-        .await?;
-    checks.push(Check::new(format!("{db}: no replication errors"), true, list(errors)));
+    // pg_stat_subscription_stats exists from PostgreSQL 15 on.
+    let version: i32 = dst.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
+    if version >= 150000 {
+        let errors = dst
+            .query(
+                "SELECT subname::text || ': ' || apply_error_count || ' apply, ' || sync_error_count || ' sync errors' FROM pg_stat_subscription_stats WHERE subid = ANY($1) AND (apply_error_count > 0 OR sync_error_count > 0)",
+                &[&oids],
+            )
+            .await?;
+        checks.push(Check::new(format!("{db}: no replication errors"), true, list(errors)));
+    } else {
+        checks.push(not_checked(format!("{db}: no replication errors"), "the target's PostgreSQL before 15 counts no replication errors (pg_stat_subscription_stats); its server log has them"));
+    }
     let prepared = src.query("SELECT gid || ' (' || owner || ')' FROM pg_prepared_xacts WHERE database = current_database()", &[]).await?;
     checks.push(Check::new(
         format!("{db}: no prepared (two-phase) transactions on the source"),
@@ -234,6 +348,29 @@ pub async fn check_database(
     Ok(checks)
 }
 
+/// The databases of the target whose subscriptions have their slot on the source
+/// (slot name and database match; pg_subscription is shared by all databases).
+async fn subscribed_databases(source: &crate::config::BackendConfig, target: &crate::config::BackendConfig) -> anyhow::Result<Vec<String>> {
+    let dst = super::control::connect(target, "postgres", "pgcutover check").await?;
+    let subs = dst
+        .query("SELECT d.datname::text, s.subslotname::text FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid WHERE s.subslotname IS NOT NULL", &[])
+        .await
+        .context("cannot list the target's subscriptions")?;
+    if subs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let src = super::control::connect(source, "postgres", "pgcutover check").await?;
+    let slots = src
+        .query("SELECT coalesce(database::text, ''), slot_name::text FROM pg_replication_slots WHERE slot_type = 'logical'", &[])
+        .await
+        .context("cannot list the source's replication slots")?;
+    let on_source: BTreeSet<(String, String)> = slots.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut found: Vec<String> = subs.iter().map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))).filter(|k| on_source.contains(k)).map(|(d, _)| d).collect();
+    found.sort();
+    found.dedup();
+    Ok(found)
+}
+
 /// Preflight on its own (`pgcutover check`): every check for every database served.
 pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<Check>> {
     let config = proxy.config();
@@ -243,7 +380,12 @@ pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<C
     let mut names: BTreeSet<String> = config.cutover.databases.iter().cloned().collect();
     names.extend(proxy.sessions.list().iter().map(|s| s.database.clone()));
     if names.is_empty() {
-        anyhow::bail!("no database to check: no session is open and [cutover] databases is empty");
+        // No session open and none configured: every database whose subscription
+        // on the target streams from the source.
+        names.extend(subscribed_databases(&source.config, &target.config).await?);
+    }
+    if names.is_empty() {
+        anyhow::bail!("no database to check: no session is open, [cutover] databases is empty, and no subscription on {} streams from {}", target.name, source.name);
     }
     let our_pids = proxy.sessions.pids_on(&source.name);
     let mut settings = Settings::of(&config, &source.config.admin_user);

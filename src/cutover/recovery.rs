@@ -15,7 +15,7 @@ use crate::config::{BackendConfig, Config};
 /// runs (a predecessor that crashed, or this run's abandoned step).
 pub(super) async fn undo(source: &BackendConfig, target: Option<&BackendConfig>, entries: &[Entry], bound: Duration) -> Result<(), CutoverError> {
     let deadline = Instant::now() + bound;
-    let on_source = |e: &Entry| matches!(e, Entry::ReadOnly { .. } | Entry::NoLogin { .. });
+    let on_source = |e: &Entry| matches!(e, Entry::ReadOnly { .. } | Entry::NoLogin { .. } | Entry::RoleReadOnly { .. });
     if let Some(database) = entries.iter().find(|e| on_source(e)).and_then(Entry::database) {
         undo_side(source, database, Side::Source, entries, deadline).await?;
     }
@@ -99,7 +99,7 @@ pub async fn recover(config: &Config, path: &std::path::Path, fleet: Option<&std
         if physical::in_recovery(&c).await? {
             physical::promote(&c, UNDO_TIMEOUT).await.map_err(|e| anyhow::anyhow!("cannot promote {target}: {e}; the journal {} stays", path.display()))?;
         }
-        fence::give_login(&c, &roles).await.map_err(|e| anyhow::anyhow!("cannot give LOGIN back on {target}: {e}; the journal {} stays", path.display()))?;
+        fence::give_login(&c, &roles, &entries).await.map_err(|e| anyhow::anyhow!("cannot give LOGIN back on {target}: {e}; the journal {} stays", path.display()))?;
         journal::remove(path)?;
         return Ok(Some(target));
     }

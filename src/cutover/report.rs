@@ -70,6 +70,8 @@ pub struct CutoverReport {
     pub closed: Vec<String>,
     /// Roles whose LOGIN the fence took on the source.
     pub fenced_roles: Vec<String>,
+    /// Which fence ran (None: none did).
+    pub fence: Option<super::fence::FenceKind>,
     /// Backends on the source that did not come through the proxy, terminated by the fence.
     pub terminated: usize,
     pub held_requests: u64,
@@ -135,6 +137,7 @@ impl CutoverReport {
             sessions_closed: 0,
             closed: Vec::new(),
             fenced_roles: Vec::new(),
+            fence: None,
             terminated: 0,
             held_requests: 0,
             longest_hold_ms: 0.0,
@@ -175,6 +178,7 @@ impl CutoverReport {
             ("sessions_cancelled".into(), self.sessions_cancelled.to_string()),
             ("sessions_closed".into(), self.sessions_closed.to_string()),
             ("fenced_roles".into(), self.fenced_roles.join(",")),
+            ("fence".into(), self.fence.map(|k| k.as_str()).unwrap_or("none").to_string()),
             ("terminated".into(), self.terminated.to_string()),
             ("held_requests".into(), self.held_requests.to_string()),
             ("longest_hold_ms".into(), format!("{:.3}", self.longest_hold_ms)),

@@ -66,6 +66,7 @@ impl Run {
     fn roles(&self) -> Vec<String> {
         let mut roles: Vec<String> = self.proxy.sessions.list().iter().map(|s| s.user.clone()).collect();
         roles.extend(self.config.auth.users.iter().map(|u| u.name.clone()));
+        roles.extend(self.config.cutover.fence_roles.iter().cloned());
         roles.sort();
         roles.dedup();
         roles
@@ -216,6 +217,7 @@ impl Run {
         // The fence runs while the drain does, all but its reload, which waits for
         // the drain (see fence::reload).
         let roles = self.roles();
+        let databases: Vec<String> = self.databases.iter().map(|d| d.name.clone()).collect();
         let keep: Vec<i32> = self.proxy.sessions.pids_on(&self.source.name);
         let (journal, hooks, db, fleet) = (&mut self.journal, &self.hooks, &self.databases[0], &self.fleet);
         let admin_user = &self.source.config.admin_user;
@@ -229,7 +231,7 @@ impl Run {
             // fence spares every member's backends.
             let others = Run::fleet_all_closed(fleet, cut.drain_timeout + Duration::from_secs(5)).await?;
             let keep: Vec<i32> = keep.iter().chain(&others.pids).copied().collect();
-            let plan = fence::Plan { database: &db.name, roles: &roles, keep_pids: &keep, also_ours: &others.ports, admin_user };
+            let plan = fence::Plan { database: &db.name, roles: &roles, keep_pids: &keep, also_ours: &others.ports, admin_user, databases: &databases };
             fence::fence(&db.src, &plan, journal, hooks).await.map(|f| (Some(f), started.elapsed()))
         };
         let (drained, fenced) = tokio::join!(drain, fence);
@@ -242,7 +244,8 @@ impl Run {
             (Some(f), took) => {
                 self.report.fenced_roles = f.roles;
                 self.report.terminated = f.terminated;
-                Some(took)
+                self.report.fence = Some(f.kind);
+                Some((took, f.kind))
             }
             (None, _) => None,
         };
@@ -250,12 +253,15 @@ impl Run {
         // The leader goes on once every member has drained.
         self.phase = Phase::Fleet;
         self.fleet_drained(drain_took, self.report.sessions_cancelled, cut.drain_timeout + Duration::from_secs(5)).await?;
-        if let Some(took) = fence_took {
+        if let Some((took, kind)) = fence_took {
             // Read-only from here: nothing of the application's runs or waits on
-            // the source any more (see fence::reload).
+            // the source any more (see fence::reload). A role-level fence has no
+            // reload: its roles' new sessions are read-only, their others gone.
             self.phase = Phase::Fence;
             let started = Instant::now();
-            fence::reload(&self.databases[0].src, cut.max_pause, &self.hooks).await?;
+            if kind == fence::FenceKind::ServerWide {
+                fence::reload(&self.databases[0].src, cut.max_pause, &self.hooks).await?;
+            }
             self.report.phases.push(report::Phase { name: Phase::Fence.as_str(), ms: ms(took + started.elapsed()) });
         }
         if self.physical {
@@ -499,7 +505,11 @@ impl Run {
         } else {
             tracing::warn!(phase = %f.phase, kind = f.error.kind(), reason = %f.error, "cutover failed; rolling back");
         }
-        let mut reason = f.error.to_string();
+        // A database's refusal says in which phase it came.
+        let mut reason = match &f.error {
+            CutoverError::Database(_) => format!("{}: {}", f.phase, f.error),
+            _ => f.error.to_string(),
+        };
         let entries = self.journal.entries().to_vec();
         let journal = std::mem::replace(&mut self.journal, Journal::detached());
         let undone = undo(&self.source.config, Some(&self.target.config), &entries, UNDO_TIMEOUT).await;

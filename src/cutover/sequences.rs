@@ -11,7 +11,7 @@
 use tokio_postgres::Client;
 
 use super::CutoverError;
-use crate::session::migrate::quote_literal;
+use crate::session::migrate::{quote_ident, quote_literal};
 
 /// One sequence's position on the source, as the target should continue it.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,12 +81,43 @@ pub async fn read(src: &Client, margin: i64) -> Result<Vec<Position>, CutoverErr
     Ok(out)
 }
 
-/// Sets `positions` on the target in one statement; returns how many were set (a
-/// sequence already at or past its position is left alone).
-/// With `rehearse`, nothing is set: the answer is how many would be.
+/// Sets the target's sequences to continue where the source's stopped, in one
+/// statement (never backwards: a sequence already further on the target stays).
+/// Sequences the admin user may not set (a managed service's admin without the
+/// owner's rights) are set as their owner (`SET ROLE`), one statement per owner.
 pub async fn apply(dst: &Client, positions: &[Position], rehearse: bool) -> Result<u64, CutoverError> {
+    let (mut set, theirs) = apply_here(dst, positions, rehearse).await?;
+    // Only where the admin user lacks the rights: one more statement per owner.
+    let mut by_owner: std::collections::BTreeMap<String, Vec<Position>> = std::collections::BTreeMap::new();
+    for (name, owner) in theirs {
+        if let Some(p) = positions.iter().find(|p| p.name == name) {
+            by_owner.entry(owner).or_default().push(p.clone());
+        }
+    }
+    for (owner, theirs) in &by_owner {
+        dst.batch_execute(&format!("SET ROLE {}", quote_ident(owner))).await.map_err(|e| {
+            CutoverError::Refused(format!(
+                "sequences owned by {owner} ({}) cannot be set on the target: the admin user may not set them and cannot SET ROLE {owner} ({}); GRANT {owner} TO the admin user",
+                theirs.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+                super::control::describe(&e)
+            ))
+        })?;
+        let done = apply_here(dst, theirs, rehearse).await;
+        dst.batch_execute("RESET ROLE").await?;
+        let (n, left) = done?;
+        if !left.is_empty() {
+            return Err(CutoverError::Refused(format!("even as {owner}, these sequences cannot be set on the target: {}", left.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "))));
+        }
+        set += n;
+    }
+    Ok(set)
+}
+
+/// One statement: sets what the current role may set; returns how many it set and
+/// the sequences (with their owners) it may not.
+async fn apply_here(dst: &Client, positions: &[Position], rehearse: bool) -> Result<(u64, Vec<(String, String)>), CutoverError> {
     if positions.is_empty() {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
     let names: Vec<&str> = positions.iter().map(|p| p.name.as_str()).collect();
     let values: Vec<i64> = positions.iter().map(|p| p.value).collect();
@@ -95,10 +126,14 @@ pub async fn apply(dst: &Client, positions: &[Position], rehearse: bool) -> Resu
     let row = dst
         .query_one(
             "WITH t AS (SELECT * FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[]) t(s, v, called, next)), \
-             m AS (SELECT t.*, q.increment_by AS inc, coalesce(q.last_value::numeric + q.increment_by, q.start_value) AS here \
+             m AS (SELECT t.*, q.increment_by AS inc, coalesce(q.last_value::numeric + q.increment_by, q.start_value) AS here, \
+                          has_sequence_privilege(to_regclass(t.s), 'UPDATE') AND has_sequence_privilege(to_regclass(t.s), 'SELECT') AS mine, \
+                          q.sequenceowner::text AS owner \
                    FROM t LEFT JOIN pg_sequences q ON format('%I.%I', q.schemaname, q.sequencename) = t.s) \
              SELECT coalesce(array_agg(s) FILTER (WHERE inc IS NULL), '{}'), \
-                    count(CASE WHEN $5 THEN v ELSE setval(s::regclass, v, called) END) FILTER (WHERE inc IS NOT NULL AND ((inc > 0 AND here < next::numeric) OR (inc < 0 AND here > next::numeric))) \
+                    count(CASE WHEN $5 THEN v ELSE setval(s::regclass, v, called) END) FILTER (WHERE inc IS NOT NULL AND mine AND ((inc > 0 AND here < next::numeric) OR (inc < 0 AND here > next::numeric))), \
+                    coalesce(array_agg(s) FILTER (WHERE inc IS NOT NULL AND NOT mine), '{}'), \
+                    coalesce(array_agg(owner) FILTER (WHERE inc IS NOT NULL AND NOT mine), '{}') \
              FROM m",
             &[&names, &values, &called, &next, &rehearse],
         )
@@ -107,7 +142,9 @@ pub async fn apply(dst: &Client, positions: &[Position], rehearse: bool) -> Resu
     if !missing.is_empty() {
         return Err(CutoverError::Refused(format!("sequences missing on the target: {}", missing.join(", "))));
     }
-    Ok(row.get::<_, i64>(1) as u64)
+    let theirs: Vec<String> = row.get(2);
+    let owners: Vec<String> = row.get(3);
+    Ok((row.get::<_, i64>(1) as u64, theirs.into_iter().zip(owners).collect()))
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ pub struct Certs {
 }
 
 impl Certs {
-    fn generate() -> Certs {
+    pub fn generate() -> Certs {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -45,7 +45,7 @@ impl Certs {
     }
 
     /// Writes the files into `dir` (a cluster's directory, removed with it).
-    fn write_to(&mut self, dir: &std::path::Path) {
+    pub fn write_to(&mut self, dir: &std::path::Path) {
         self.dir = dir.join("test-certs");
         std::fs::create_dir_all(&self.dir).unwrap();
         std::fs::write(self.ca_path(), &self.ca_pem).unwrap();
@@ -100,6 +100,7 @@ fn setup() -> Fixture {
             tls: Some((certs.cert_pem.clone(), certs.key_pem.clone())),
             // Two-phase transactions on the source must refuse a cutover.
             settings: vec!["max_prepared_transactions = 4".into()],
+            ..Default::default()
         };
         let pair = Pair::start(&options).expect("start the blue/green clusters");
         certs.write_to(pair.blue.socket_dir());
