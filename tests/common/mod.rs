@@ -317,18 +317,27 @@ impl Raw {
         self.send_message(b'Q', &body).await;
     }
 
+    /// A whole message from what was read, if one is there.
+    fn take_message(&mut self) -> Option<RawMessage> {
+        if self.buf.len() < 5 {
+            return None;
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if self.buf.len() <= len {
+            return None;
+        }
+        let tag = self.buf[0];
+        self.buf.advance(5);
+        let body = self.buf.split_to(len - 4);
+        Some(RawMessage { tag, body })
+    }
+
     /// Reads one typed message; `None` when the connection is closed (or 10 s pass).
     pub async fn recv(&mut self) -> Option<RawMessage> {
         tokio::time::timeout(Duration::from_secs(10), async {
             loop {
-                if self.buf.len() >= 5 {
-                    let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                    if self.buf.len() > len {
-                        let tag = self.buf[0];
-                        self.buf.advance(5);
-                        let body = self.buf.split_to(len - 4);
-                        return Some(RawMessage { tag, body });
-                    }
+                if let Some(m) = self.take_message() {
+                    return Some(m);
                 }
                 if self.stream.read_buf(&mut self.buf).await.ok()? == 0 {
                     return None;
@@ -346,15 +355,9 @@ impl Raw {
         tokio::time::timeout(Duration::from_secs(secs), async {
             let mut out = Vec::new();
             loop {
-                if self.buf.len() >= 5 {
-                    let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                    if self.buf.len() > len {
-                        let tag = self.buf[0];
-                        self.buf.advance(5);
-                        let body = self.buf.split_to(len - 4);
-                        out.push(RawMessage { tag, body });
-                        continue;
-                    }
+                if let Some(m) = self.take_message() {
+                    out.push(m);
+                    continue;
                 }
                 match self.stream.read_buf(&mut self.buf).await {
                     Ok(0) | Err(_) => return out,

@@ -112,15 +112,7 @@ impl Relay {
                                 // block) fails and is over; an explicit one stays failed.
                                 let status = if self.tx == TxState::Idle { b'I' } else { b'E' };
                                 self.ended = if status == b'I' { Ended::No } else { Ended::RolledBack };
-                                self.answer_client(ended::error_40001);
-                                if msg.is_extended() {
-                                    self.skip_to_sync = Some(status);
-                                } else {
-                                    self.answer_client(|out| write::ready_for_query(out, status));
-                                    self.tx = TxState::from_status(status);
-                                    self.info.on_ready(status);
-                                }
-                                self.last_was_error = true;
+                                self.answer_failed(msg, &ended::cancelled_error(), status);
                                 continue;
                             }
                             Ended::RolledBack => {
@@ -149,11 +141,17 @@ impl Relay {
             return false;
         }
         let Ok(Scan::Frame { tag, total }) = self.from_client.scan() else { return false };
-        let msg = Frontend::of(tag);
-        // A held request starts with the client idle: it is answered idle.
-        let status = b'I';
         self.pass_client(total, true);
-        self.answer_client(|out| write::error_response(out, &PgError::error(sqlstate::QUERY_CANCELED, "canceling statement due to user request")));
+        // A held request starts with the client idle: it is answered idle.
+        self.answer_failed(Frontend::of(tag), &PgError::error(sqlstate::QUERY_CANCELED, "canceling statement due to user request"), b'I');
+        true
+    }
+
+    /// Answers a request whose first message (`msg`, already dropped) the proxy
+    /// fails itself, as PostgreSQL answers one that fails at once: the error, then
+    /// ReadyForQuery `status` — for an extended batch once its Sync arrives.
+    fn answer_failed(&mut self, msg: Frontend, err: &PgError, status: u8) {
+        self.answer_client(|out| write::error_response(out, err));
         self.last_was_error = true;
         if msg.is_extended() {
             self.skip_to_sync = Some(status);
@@ -162,7 +160,6 @@ impl Relay {
             self.tx = TxState::from_status(status);
             self.info.on_ready(status);
         }
-        true
     }
 
     /// Keeps the Parse of an unnamed statement that a batch prepares without running
