@@ -47,6 +47,18 @@ enum Command {
     Cutover(CutoverArgs),
     /// Run the cutover's preflight checks only.
     Check(CutoverArgs),
+    /// Drop what pgcutover made and no longer needs, on every backend: the way
+    /// back's publications, slots and subscriptions of earlier cutovers, and forward
+    /// subscriptions a cutover disabled, with their slots. Lists them first.
+    Cleanup {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Only list what would be dropped.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run transactions through the proxy and report the latencies clients feel,
     /// optionally with a cutover in the middle.
     Loadtest {
@@ -154,6 +166,26 @@ async fn cutover(config: &std::path::Path, verb: &str, a: CutoverArgs) -> anyhow
     }
 }
 
+async fn cleanup(config: &std::path::Path, dry_run: bool, json: bool) -> anyhow::Result<()> {
+    let config = pgcutover::config::Config::load(config)?;
+    let found = pgcutover::cutover::cleanup::run(&config, dry_run).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+    } else if found.is_empty() {
+        println!("nothing to clean up: no backend holds anything pgcutover made and no longer needs");
+    } else {
+        for l in &found {
+            let retains = l.retains.as_deref().map(|r| format!(", retains {r} of WAL")).unwrap_or_default();
+            println!("{:<12} {:<8} {:<12} {:<40} {}{retains}", l.outcome, l.backend, l.kind, format!("{}.{}", l.database, l.name), l.why);
+        }
+    }
+    let failed = found.iter().filter(|l| l.outcome.starts_with("not dropped")).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} item(s) could not be dropped (see above); run cleanup again once the cause is fixed");
+    }
+    Ok(())
+}
+
 #[derive(clap::Args)]
 struct CutoverArgs {
     #[arg(long, short, default_value = "proxy.toml")]
@@ -216,6 +248,7 @@ fn main() -> ExitCode {
             Command::Status { config, json } => console(&config, "SHOW STATUS", json).await,
             Command::Cutover(a) => cutover(&a.config.clone(), "CUTOVER", a).await,
             Command::Check(a) => cutover(&a.config.clone(), "CHECK", a).await,
+            Command::Cleanup { config, dry_run, json } => cleanup(&config, dry_run, json).await,
             Command::Demo { seconds, plot, log, rehearse, fleet } => pgcutover::demo::run(std::time::Duration::from_secs(seconds), &plot, &log, rehearse, fleet).await,
             Command::Loadtest { url, also_url, clients, duration, mode, workload, cutover_at, config, rehearse, init, json, plot } => {
                 let parse = |d: &str| pgcutover::admin::command::parse_duration(d).map_err(|e| anyhow::anyhow!("{e}"));

@@ -59,13 +59,17 @@ async fn an_idle_session_moves_with_its_settings_prepared_statements_and_listens
     let blue = f.blue().connect("postgres").await.unwrap();
     let ro: String = blue.query_one("SHOW default_transaction_read_only", &[]).await.unwrap().get(0);
     assert_eq!(ro, "on");
+    // The subscription is gone, and its slot on blue with it (it would pin blue's
+    // WAL, and stand in the way of a cutover back and forth).
     let green = f.green().connect(db).await.unwrap();
-    let enabled: bool = green
-        .query_one("SELECT subenabled FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())", &[])
+    let subs: i64 = green
+        .query_one("SELECT count(*) FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())", &[])
         .await
         .unwrap()
         .get(0);
-    assert!(!enabled);
+    assert_eq!(subs, 0, "the forward subscription was dropped");
+    let slots: i64 = f.blue().connect(db).await.unwrap().query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0);
+    assert_eq!(slots, 0, "its slot on blue was dropped");
     let shown = proxy.admin("SHOW CUTOVER").await.unwrap();
     assert!(shown.iter().any(|r| r[0].as_deref() == Some("outcome") && r[1].as_deref() == Some("committed")));
     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -128,18 +128,22 @@ async fn a_cutover_and_back_with_reverse_replication_keeps_every_write_exactly_o
     );
 }
 
+/// A replicated table `t` in `db`, and a proxy that makes the way back at each cutover.
+async fn with_the_way_back(f: &common::Fixture, db: &str) -> common::TestProxy {
+    common::cut::replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
+    f.proxy(|c| {
+        c.cutover.databases = vec![db.into()];
+        c.cutover.reverse_replication = true;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_rehearsal_with_reverse_replication_leaves_no_slot_or_publication_behind() {
     let _serial = serial().await;
     let f = fixture();
     let db = "sf_rehearse_back";
-    common::cut::replicated(f, db, "CREATE TABLE t (id bigserial PRIMARY KEY, v int)").await;
-    let proxy = f
-        .proxy(|c| {
-            c.cutover.databases = vec![db.into()];
-            c.cutover.reverse_replication = true;
-        })
-        .await;
+    let proxy = with_the_way_back(f, db).await;
     let report = cutover(&proxy, "green REHEARSE").await;
     assert_eq!(report["outcome"], "rehearsed", "{report:#?}");
     assert!(report.contains_key("phase_reverse_slot_ms"), "the slot was rehearsed: {report:#?}");
@@ -174,4 +178,112 @@ async fn reverse_replication_that_cannot_work_is_refused_by_preflight_with_what_
     assert_eq!(report["outcome"], "refused", "{report:#?}");
     assert!(report["reason"].contains("neither SUPERUSER nor REPLICATION"), "{report:#?}");
     blue_writable(f, db).await;
+}
+
+/// Back and forth four times under load with the way back made at each switch:
+/// every cutover commits (the third used to be refused: the first one's disabled
+/// subscription stood in its way), every committed row is on the final database
+/// exactly once, and no slot on either side pins WAL without a live subscriber.
+#[tokio::test]
+async fn four_cutovers_back_and_forth_under_load_all_commit_and_leave_no_idle_slot() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "sf_four";
+    bench_database(f, db).await;
+    let proxy = f
+        .proxy(|c| {
+            c.cutover.databases = vec![db.into()];
+            c.cutover.reverse_replication = true;
+        })
+        .await;
+    let mut committed = 0;
+    for (i, to) in ["green", "blue", "green", "blue"].into_iter().enumerate() {
+        let switch = async {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            cutover(&proxy, to).await
+        };
+        let ((processed, _), report) = tokio::join!(pgbench(proxy.port(), db, "prepared", 8, 3), switch);
+        assert_eq!(report["outcome"], "committed", "cutover {} to {to}: {report:#?}", i + 1);
+        committed += processed;
+        // The way back streams before the next switch.
+        let back = if to == "green" { f.blue() } else { f.green() };
+        let c = back.connect(db).await.unwrap();
+        assert!(
+            common::eventually(30, || async { c.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0) == committed }).await,
+            "cutover {}: the writes did not flow back",
+            i + 1
+        );
+    }
+    assert_eq!(proxy.proxy().active_backend().name, "blue");
+    blue_writable(f, db).await;
+    let blue = f.blue().connect(db).await.unwrap();
+    let (count, distinct): (i64, i64) = {
+        let r = blue.query_one("SELECT count(*), count(DISTINCT id) FROM orders", &[]).await.unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((count, distinct), (committed, committed), "every committed order exactly once on blue");
+    for c in [f.blue(), f.green()] {
+        let c = c.connect(db).await.unwrap();
+        let idle = || async {
+            c.query("SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database() AND NOT active", &[]).await.unwrap().is_empty()
+        };
+        assert!(common::eventually(10, idle).await, "a slot without a live subscriber is left");
+        let slots: i64 = c.query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[]).await.unwrap().get(0);
+        assert!(slots <= 1, "one slot at most: the way back's");
+        let publications: i64 = c.query_one("SELECT count(*) FROM pg_publication WHERE pubname LIKE 'pgcutover_back%'", &[]).await.unwrap().get(0);
+        assert!(publications <= 1, "one way back publication at most");
+    }
+}
+
+/// `pgcutover cleanup` lists what pgcutover left and no longer needs — an idle way
+/// back slot, its publication, a disabled way back subscription — then drops it,
+/// and never touches the live way back.
+#[tokio::test]
+async fn cleanup_lists_then_drops_the_leftovers_and_keeps_the_live_way_back() {
+    let _serial = serial().await;
+    let f = fixture();
+    let db = "sf_cleanup";
+    let proxy = with_the_way_back(f, db).await;
+    let report = cutover(&proxy, "green").await;
+    assert_eq!(report["outcome"], "committed", "{report:#?}");
+    // What an interrupted earlier cutover could have left.
+    let green = f.green().connect(db).await.unwrap();
+    green.batch_execute("SELECT pg_create_logical_replication_slot('pgcutover_back_stale', 'pgoutput'); CREATE PUBLICATION pgcutover_back_stale FOR TABLE t").await.unwrap();
+    let blue = f.blue().connect(db).await.unwrap();
+    blue.batch_execute("SET default_transaction_read_only = off").await.unwrap();
+    blue.batch_execute(&format!(
+        "CREATE SUBSCRIPTION pgcutover_back_old CONNECTION 'host=127.0.0.1 port={} user=postgres dbname={db}' PUBLICATION pgcutover_back_stale WITH (connect = false)",
+        f.green().port
+    ))
+    .await
+    .unwrap();
+
+    // Cleanup looks at every database; this test's own are in this one.
+    let config = proxy.proxy().config();
+    let here = |all: Vec<pgcutover::cutover::cleanup::Leftover>| all.into_iter().filter(|l| l.database == db).collect::<Vec<_>>();
+    let listed = here(pgcutover::cutover::cleanup::run(&config, true).await.unwrap());
+    let mut names: Vec<(String, &str, String)> = listed.iter().map(|l| (l.backend.clone(), l.kind, l.name.clone())).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            ("blue".to_string(), "subscription", "pgcutover_back_old".to_string()),
+            ("green".to_string(), "publication", "pgcutover_back_stale".to_string()),
+            ("green".to_string(), "slot", "pgcutover_back_stale".to_string()),
+        ],
+        "{listed:#?}"
+    );
+    assert!(listed.iter().all(|l| l.outcome == "would drop"));
+    let dropped = pgcutover::cutover::cleanup::run(&config, false).await.unwrap();
+    assert!(dropped.iter().all(|l| l.outcome == "dropped"), "{dropped:#?}");
+    assert!(pgcutover::cutover::cleanup::run(&config, true).await.unwrap().is_empty(), "a second run finds nothing, in any database");
+    let slots: i64 = green.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgcutover_back_stale'", &[]).await.unwrap().get(0);
+    assert_eq!(slots, 0);
+    // The live way back still carries green's writes to blue.
+    let c = proxy.connect(db).await;
+    c.batch_execute("INSERT INTO t (v) VALUES (42)").await.unwrap();
+    assert!(
+        common::eventually(30, || async { blue.query_one("SELECT count(*) FROM t WHERE v = 42", &[]).await.unwrap().get::<_, i64>(0) == 1 }).await,
+        "the way back stopped"
+    );
 }

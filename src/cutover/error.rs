@@ -21,6 +21,8 @@ pub enum Phase {
     Repoint,
     MoveSessions,
     DisableSubscriptions,
+    /// After the switch: the forward subscriptions and their slots are dropped.
+    DropSubscriptions,
     /// A target fenced by an earlier cutover is opened to the application.
     OpenTarget,
     ReversePublication,
@@ -46,6 +48,7 @@ impl Phase {
             Phase::Repoint => "repoint",
             Phase::MoveSessions => "move_sessions",
             Phase::DisableSubscriptions => "disable_subscription",
+            Phase::DropSubscriptions => "drop_subscriptions",
             Phase::Rollback => "rollback",
             Phase::OpenTarget => "open_target",
             Phase::ReversePublication => "reverse_publication",

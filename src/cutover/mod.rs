@@ -20,6 +20,7 @@
 //! return.
 
 mod catchup;
+pub mod cleanup;
 mod control;
 pub mod control_tls;
 mod error;

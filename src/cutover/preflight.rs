@@ -192,6 +192,23 @@ pub async fn check_common(db: &str, src: &Client, dst: &Client, our_pids: &[i32]
         }
     }
     checks.extend(rights(db, src, settings).await?);
+    // Slots nobody reads pin the source's WAL until its disk is full.
+    let idle = src
+        .query(
+            "SELECT slot_name::text || ' (' || slot_type || coalesce(', database ' || database::text, '') || ', ' || \
+                    coalesce(pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)), 'no WAL') || ' retained)' \
+             FROM pg_replication_slots WHERE NOT active ORDER BY 1",
+            &[],
+        )
+        .await?;
+    if let Some(l) = list(idle) {
+        checks.push(Check {
+            name: format!("{db}: no inactive replication slot retains WAL on the source"),
+            ok: true,
+            guards_data: false,
+            detail: format!("note: {l}: nothing reads them; drop those nobody needs (pg_drop_replication_slot), or `pgcutover cleanup` for pgcutover's own"),
+        });
+    }
     let since = std::time::Instant::now();
     let mut our_pids: Vec<i32> = our_pids.iter().chain(&settings.members_pids).copied().collect();
     let rows = src

@@ -174,6 +174,42 @@ pub async fn subscribe(src: &Client, r: &Reverse, conninfo: &str) -> Result<(), 
     Ok(())
 }
 
+/// Drops a forward subscription that a committed cutover disabled: on the new
+/// active backend `dst` (its slot detached first, so that the drop does not need
+/// the old source), then on the old source `src` its slot — retried while the
+/// stopping walsender still holds it, bounded — and, for an earlier cutover's way
+/// back, the publication it read.
+pub async fn drop_forward(src: &Client, dst: &Client, sub: &super::catchup::Subscription) -> Result<(), String> {
+    let name = quote_ident(&sub.name);
+    let local = async {
+        dst.batch_execute("SET default_transaction_read_only = off").await?;
+        dst.batch_execute(&format!("ALTER SUBSCRIPTION {name} DISABLE")).await?;
+        dst.batch_execute(&format!("ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")).await?;
+        dst.batch_execute(&format!("DROP SUBSCRIPTION {name}")).await
+    };
+    local.await.map_err(|e| super::control::describe(&e))?;
+    // The way back of an earlier cutover read a publication of its own name there.
+    if sub.name.starts_with("pgcutover_back_") {
+        src.batch_execute("SET default_transaction_read_only = off").await.map_err(|e| super::control::describe(&e))?;
+        src.batch_execute(&format!("DROP PUBLICATION IF EXISTS {name}")).await.map_err(|e| format!("its publication on the old source: {}", super::control::describe(&e)))?;
+    }
+    let Some(slot) = &sub.slot else { return Ok(()) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let dropped = src
+            .query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()", &[slot])
+            .await;
+        match dropped {
+            Ok(_) => return Ok(()),
+            // 55006: the walsender of the disabled subscription has not exited yet.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(format!("its slot {slot} on the old source: {}", super::control::describe(&e))),
+        }
+    }
+}
+
 /// Drops what the journal says was made on the target: the slot, then the
 /// publication. Safe to run twice, and on steps journaled but not made.
 pub async fn undo(dst: &Client, entries: &[Entry]) -> Result<(), CutoverError> {

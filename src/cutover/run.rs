@@ -472,6 +472,23 @@ impl Run {
             }
             self.record(Phase::ReverseSubscription, t);
         }
+        // The forward subscriptions have done their work: dropped, with their slots
+        // on the old source, or those slots would pin its WAL for ever and the
+        // next cutover back and forth would find a disabled subscription in its way.
+        let t = Instant::now();
+        for db in &self.databases {
+            for sub in &db.subscriptions {
+                let note = match reverse::drop_forward(&db.src, &db.dst, sub).await {
+                    Ok(()) => format!("{}: subscription {} on {} dropped, and its slot on {}", db.name, sub.name, self.target.name, self.source.name),
+                    Err(e) => {
+                        tracing::warn!(database = %db.name, subscription = %sub.name, error = %e, "could not drop the old subscription");
+                        format!("{}: subscription {} on {} (disabled) could not be dropped: {e}; `pgcutover cleanup` removes it and its slot", db.name, sub.name, self.target.name)
+                    }
+                };
+                self.report.notes.push(note);
+            }
+        }
+        self.record(Phase::DropSubscriptions, t);
         let journal = std::mem::replace(&mut self.journal, Journal::detached());
         if let Err(e) = journal.finish("committed") {
             tracing::error!(error = %e, "could not close the cutover journal");
