@@ -14,10 +14,12 @@ use crate::auth::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    // The cause is part of the message and not also the error's source: a chain
+    // printed with `{:#}` would say it twice.
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("{path}: {error}")]
+    Parse { path: PathBuf, error: toml::de::Error },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -294,23 +296,14 @@ fn default_true() -> bool {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
+        let config: Config = toml::from_str(&text).map_err(|error| ConfigError::Parse { path: path.to_owned(), error })?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: PathBuf::from("<string>"),
-            source,
-        })?;
+        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse { path: PathBuf::from("<string>"), error })?;
         config.validate()?;
         Ok(config)
     }

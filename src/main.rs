@@ -16,46 +16,55 @@ struct Cli {
 enum Command {
     /// Run the proxy in the foreground.
     Serve {
+        /// The proxy's configuration file.
         #[arg(long, short, default_value = "proxy.toml")]
         config: PathBuf,
     },
     /// Close the gate and wait until in-flight transactions finish.
     Pause {
+        /// The proxy's configuration file.
         #[arg(long, short, default_value = "proxy.toml")]
         config: PathBuf,
         /// Bound the drain (e.g. 500ms, 2s); at the deadline `on_drain_timeout` applies.
         #[arg(long)]
         timeout: Option<String>,
+        /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Open the gate: held requests run.
     Resume {
+        /// The proxy's configuration file.
         #[arg(long, short, default_value = "proxy.toml")]
         config: PathBuf,
+        /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show the running proxy's status.
     Status {
+        /// The proxy's configuration file.
         #[arg(long, short, default_value = "proxy.toml")]
         config: PathBuf,
+        /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Move every session to another backend (default: [cutover] target).
     Cutover(CutoverArgs),
     /// Run the cutover's preflight checks only.
-    Check(CutoverArgs),
+    Check(CheckArgs),
     /// Drop what pgcutover made and no longer needs, on every backend: the way
     /// back's publications, slots and subscriptions of earlier cutovers, and forward
     /// subscriptions a cutover disabled, with their slots. Lists them first.
     Cleanup {
+        /// The proxy's configuration file.
         #[arg(long, short, default_value = "proxy.toml")]
         config: PathBuf,
         /// Only list what would be dropped.
         #[arg(long)]
         dry_run: bool,
+        /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -69,11 +78,13 @@ enum Command {
         /// spread over --url and these, round robin. Repeatable.
         #[arg(long)]
         also_url: Vec<String>,
+        /// How many clients run transactions at once.
         #[arg(long, default_value_t = 16)]
         clients: u32,
         /// How long to run, e.g. 30s.
         #[arg(long, default_value = "10s")]
         duration: String,
+        /// The query protocol the clients use.
         #[arg(long, value_enum, default_value = "prepared")]
         mode: pgcutover::loadtest::Mode,
         /// tpcb, select, or a SQL file.
@@ -92,6 +103,7 @@ enum Command {
         /// on every backend, and the subscriptions refreshed).
         #[arg(long)]
         init: bool,
+        /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
         /// Write an SVG of latency and throughput over time, cutover phases shaded.
@@ -187,7 +199,24 @@ async fn cleanup(config: &std::path::Path, dry_run: bool, json: bool) -> anyhow:
 }
 
 #[derive(clap::Args)]
+struct CheckArgs {
+    /// The proxy's configuration (its admin socket).
+    #[arg(long, short, default_value = "proxy.toml")]
+    config: PathBuf,
+    /// The backend a cutover would move to (default: [cutover] target).
+    #[arg(long)]
+    to: Option<String>,
+    /// Report the checks that do not guard data, but do not count them as failures.
+    #[arg(long)]
+    force: bool,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
 struct CutoverArgs {
+    /// The proxy's configuration (its admin socket).
     #[arg(long, short, default_value = "proxy.toml")]
     config: PathBuf,
     /// The backend to move to.
@@ -200,6 +229,7 @@ struct CutoverArgs {
     /// report what the real cutover would have cost (cutover only).
     #[arg(long)]
     rehearse: bool,
+    /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -247,7 +277,7 @@ fn main() -> ExitCode {
             Command::Resume { config, json } => console(&config, "RESUME", json).await,
             Command::Status { config, json } => console(&config, "SHOW STATUS", json).await,
             Command::Cutover(a) => cutover(&a.config.clone(), "CUTOVER", a).await,
-            Command::Check(a) => cutover(&a.config.clone(), "CHECK", a).await,
+            Command::Check(a) => cutover(&a.config.clone(), "CHECK", CutoverArgs { config: a.config, to: a.to, force: a.force, rehearse: false, json: a.json }).await,
             Command::Cleanup { config, dry_run, json } => cleanup(&config, dry_run, json).await,
             Command::Demo { seconds, plot, log, rehearse, fleet } => pgcutover::demo::run(std::time::Duration::from_secs(seconds), &plot, &log, rehearse, fleet).await,
             Command::Loadtest { url, also_url, clients, duration, mode, workload, cutover_at, config, rehearse, init, json, plot } => {

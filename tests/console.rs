@@ -168,3 +168,70 @@ async fn a_socket_directory_that_is_not_the_proxys_own_is_refused() {
         assert!(pgcutover::server::start(f.config(&base.path().join("ours"))).await.is_ok());
     }
 }
+
+/// A broken or missing configuration file is said once, not once per link of the
+/// error chain ("(os error 2): No such file or directory (os error 2)").
+#[tokio::test]
+async fn a_broken_or_missing_configuration_is_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo.toml");
+    std::fs::write(&typo, "[proxy]\nlisten = 127.0.0.1:6432\n").unwrap();
+    let missing = dir.path().join("missing.toml");
+    for (file, said) in [(&typo, "TOML parse error"), (&missing, "No such file or directory")] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcutover")).args(["serve", "--config"]).arg(file).output().await.unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.matches(said).count(), 1, "{stderr}");
+    }
+}
+
+/// The CLI says what each option does, offers only the options a command has, and
+/// names the backends when a target names none.
+#[tokio::test]
+async fn the_cli_describes_every_option_and_names_the_backends_a_target_may_be() {
+    for command in ["serve", "pause", "resume", "status", "cutover", "check", "cleanup", "loadtest", "demo"] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcutover")).args([command, "--help"]).output().await.unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        let options = help.split("Options:").nth(1).unwrap_or_default();
+        for line in options.lines().filter(|l| l.trim_start().starts_with("--") || l.trim_start().starts_with("-c")) {
+            let described = line.split_whitespace().count() > 2 || line.contains("  ");
+            assert!(described, "{command}: an option without a description: {line:?}\n{help}");
+        }
+        if command == "check" {
+            assert!(!help.contains("--rehearse"), "check has no rehearsal: {help}");
+        }
+    }
+    // One rule for durations: with their unit, or refused (10 was 10 ms here).
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgcutover")).args(["loadtest", "--url", "postgres://app@127.0.0.1:1/x", "--duration", "10"]).output().await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no unit"), "{}", String::from_utf8_lossy(&out.stderr));
+    let f = fixture();
+    let proxy = f.proxy(|_| {}).await;
+    assert!(proxy.admin("PAUSE 500").await.is_err(), "a bare number is refused on the console too");
+    let e = proxy.admin("CHECK nosuch").await.expect_err("no such backend");
+    assert!(e.message.contains("the backends are: blue, green"), "{}", e.message);
+    let rows = proxy.admin("CUTOVER nosuch").await.unwrap();
+    assert!(rows.iter().any(|r| r[1].as_deref().is_some_and(|v| v.contains("the backends are: blue, green"))), "{rows:?}");
+}
+
+/// scripts/test ends with its count also when a test fails, and exits non-zero
+/// then (it used to stop at the failing `cargo test`, count unsaid). A stand-in
+/// `cargo` reports one failed test; no nightly toolchain, so no fuzzing.
+#[tokio::test]
+async fn scripts_test_says_its_count_and_fails_when_a_test_fails() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    fake("cargo", "[ \"$1\" = test ] || exit 0\necho 'test result: FAILED. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s'\nexit 101");
+    fake("rustup", "exit 0");
+    let path = format!("{}:{}", dir.path().display(), std::env::var("PATH").unwrap_or_default());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test");
+    let out = tokio::process::Command::new("bash").arg(&script).env("PATH", path).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert_eq!(stdout.lines().last(), Some("tests: 3 passed, 1 failed"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+}

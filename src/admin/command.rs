@@ -100,10 +100,11 @@ fn tokenize(text: &str) -> Result<Vec<Token>, ParseError> {
     Ok(tokens)
 }
 
-/// A duration: `500ms`, `2s`, `1m`, or a bare number of milliseconds.
+/// A duration with its unit: `500ms`, `2s`, `1.5s`, `1m`. A bare number is refused,
+/// as in proxy.toml: "10" could mean seconds or milliseconds.
 pub fn parse_duration(text: &str) -> Result<Duration, ParseError> {
-    if let Ok(ms) = text.parse::<u64>() {
-        return Ok(Duration::from_millis(ms));
+    if text.trim().parse::<f64>().is_ok() {
+        return err(format!("duration \"{text}\" has no unit: write it as 500ms, 2s or 1m"));
     }
     if let Some(secs) = text.strip_suffix('s').filter(|s| !s.ends_with('m')).and_then(|s| s.parse::<f64>().ok()) {
         if secs.is_finite() && secs >= 0.0 {
@@ -194,7 +195,7 @@ mod tests {
         assert_eq!(parse("pause").unwrap(), Command::Pause(None));
         assert_eq!(parse("PAUSE 2s").unwrap(), Command::Pause(Some(Duration::from_secs(2))));
         assert_eq!(parse("PAUSE '1.5s'").unwrap(), Command::Pause(Some(Duration::from_millis(1500))));
-        assert_eq!(parse("pause 250").unwrap(), Command::Pause(Some(Duration::from_millis(250))));
+        assert!(parse("pause 250").is_err(), "a duration needs its unit");
         assert_eq!(parse("PAUSE 500ms").unwrap(), Command::Pause(Some(Duration::from_millis(500))));
         assert_eq!(parse("CUTOVER \"green\"").unwrap(), Command::Cutover { target: Some("green".into()), force: false, rehearse: false });
         assert_eq!(parse("cutover").unwrap(), Command::Cutover { target: None, force: false, rehearse: false });
@@ -208,7 +209,7 @@ mod tests {
 
     #[test]
     fn malformed_commands_are_refused_with_a_reason() {
-        for bad in ["", "SHOW", "SHOW nothing", "PAUSE soon", "PAUSE 1s 2s", "RESUME now", "DROP TABLE x", "SHOW STATUS; SHOW STATS", "PAUSE 'unterminated", "select 1 + 1"] {
+        for bad in ["", "SHOW", "SHOW nothing", "PAUSE soon", "PAUSE 1s 2s", "RESUME now", "DROP TABLE x", "SHOW STATUS; SHOW STATS", "PAUSE 'unterminated", "select 1 + 1", "PAUSE 500", "PAUSE '2.5'"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

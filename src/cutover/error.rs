@@ -73,8 +73,8 @@ pub enum CutoverError {
     /// Not a failure: a rehearsal stops here and rolls back on purpose.
     #[error("rehearsal: stopped before the point of no return")]
     Rehearsal,
-    #[error("no backend named {0:?} (set --to or [cutover] target)")]
-    NoBackend(String),
+    #[error("{}", no_backend(.0, .1))]
+    NoBackend(String, Vec<String>),
     #[error("{0} is already the active backend")]
     AlreadyActive(String),
     #[error("{0}")]
@@ -99,13 +99,22 @@ pub enum CutoverError {
     Injected(&'static str),
 }
 
+/// What to say of a target that names no backend (`known`: the configured ones).
+pub fn no_backend(name: &str, known: &[String]) -> String {
+    if name.is_empty() {
+        "no target: pass --to or set [cutover] target".to_string()
+    } else {
+        format!("no backend named {name:?}; the backends are: {}", known.join(", "))
+    }
+}
+
 impl CutoverError {
     /// A label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
             CutoverError::Busy => "busy",
             CutoverError::Rehearsal => "rehearsal",
-            CutoverError::NoBackend(_) => "no_backend",
+            CutoverError::NoBackend(..) => "no_backend",
             CutoverError::AlreadyActive(_) => "already_active",
             CutoverError::Refused(_) => "refused",
             CutoverError::Drain(_) => "drain",

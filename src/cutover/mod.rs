@@ -179,7 +179,8 @@ async fn supervise(proxy: &Arc<Proxy>, opts: Options) -> CutoverReport {
         return refuse(report, Failure { phase: Phase::Start, error: CutoverError::Shutdown });
     }
     let Some(target) = proxy.backend(&to) else {
-        return refuse(report, Failure { phase: Phase::Start, error: CutoverError::NoBackend(to) });
+        let known = proxy.config().backends.keys().cloned().collect();
+        return refuse(report, Failure { phase: Phase::Start, error: CutoverError::NoBackend(to, known) });
     };
     if target.name == source.name {
         return refuse(report, Failure { phase: Phase::Start, error: CutoverError::AlreadyActive(to) });

@@ -393,7 +393,8 @@ pub async fn check(proxy: &Arc<Proxy>, to: Option<&str>) -> anyhow::Result<Vec<C
     let config = proxy.config();
     let source = proxy.active_backend();
     let name = to.map(str::to_owned).or_else(|| config.cutover.target.clone()).unwrap_or_default();
-    let target = proxy.backend(&name).ok_or_else(|| anyhow::anyhow!("no backend named {name:?} (set --to or [cutover] target)"))?;
+    let known: Vec<String> = config.backends.keys().cloned().collect();
+    let target = proxy.backend(&name).ok_or_else(|| anyhow::anyhow!("{}", super::error::no_backend(&name, &known)))?;
     let mut names: BTreeSet<String> = config.cutover.databases.iter().cloned().collect();
     names.extend(proxy.sessions.list().iter().map(|s| s.database.clone()));
     if names.is_empty() {
