@@ -81,7 +81,7 @@ pub async fn serve(path: &Path) -> anyhow::Result<()> {
                 let proxy = handle.proxy.clone();
                 tokio::spawn(async move {
                     let report = crate::cutover::run(&proxy, crate::cutover::Options::default()).await;
-                    tracing::info!(outcome = report.outcome.as_str(), reason = ?report.reason, "SIGUSR1: cutover finished");
+                    tracing::info!(outcome = report.outcome.as_str(), reason = report.reason.as_deref().unwrap_or(""), "SIGUSR1: cutover finished");
                 });
             }
             _ = hup.recv() => {

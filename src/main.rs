@@ -242,7 +242,8 @@ fn init_logging(file: Option<&std::path::Path>) -> anyhow::Result<()> {
             let f = std::fs::File::create(path).map_err(|e| anyhow::anyhow!("cannot write the log {}: {e}", path.display()))?;
             tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::sync::Mutex::new(f)).init();
         }
-        None => tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init(),
+        // Colour only on a terminal: a log file gets plain text.
+        None => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).with_writer(std::io::stderr).init(),
     }
     Ok(())
 }

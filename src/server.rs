@@ -393,9 +393,12 @@ pub async fn start(config: Config) -> anyhow::Result<ProxyHandle> {
     if let Some(addr) = proxy.config().proxy.metrics_listen {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} for metrics"))?;
         metrics_addr = Some(listener.local_addr()?);
-        tracing::info!(metrics = ?metrics_addr, "serving /metrics");
+        if let Some(metrics) = metrics_addr {
+            tracing::info!(%metrics, "serving /metrics");
+        }
         tasks.spawn(crate::metrics::serve(proxy.clone(), listener, rx.clone()));
     }
-    tracing::info!(%tcp_addr, socket = ?socket_path, active = %proxy.active_backend().name, "pgcutover listening");
+    let socket = socket_path.as_ref().map_or_else(|| "none".to_string(), |p| p.display().to_string());
+    tracing::info!(%tcp_addr, %socket, active = %proxy.active_backend().name, "pgcutover listening");
     Ok(ProxyHandle { proxy, tcp_addr, metrics_addr, socket_path, shutdown, tasks })
 }

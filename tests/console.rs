@@ -235,3 +235,17 @@ async fn scripts_test_says_its_count_and_fails_when_a_test_fails() {
     assert!(!out.status.success(), "{stdout}");
     assert_eq!(stdout.lines().last(), Some("tests: 3 passed, 1 failed"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A log that goes to a file holds plain text: no colour codes, and values as
+/// values, not Rust's debug text (`metrics=Some(127.0.0.1:…)`).
+#[tokio::test]
+async fn a_log_written_to_a_file_is_plain_text() {
+    let f = fixture();
+    let served = Served::start_text(|dir, listen| f.config_text(dir, listen).replacen("[proxy]", "[proxy]\nmetrics_listen = \"127.0.0.1:0\"", 1), &[]).await;
+    served.cli(&["pause", "--timeout", "1s"]).await;
+    served.cli(&["resume"]).await;
+    let log = served.log();
+    assert!(log.contains("serving /metrics") && log.contains("admin command"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log:?}");
+    assert!(!log.contains("Some("), "debug text in the log: {log}");
+}

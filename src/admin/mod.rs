@@ -95,7 +95,7 @@ pub async fn serve(proxy: Arc<Proxy>, mut stream: Stream, startup: StartupMessag
 /// Runs one console command.
 pub async fn execute(proxy: &Arc<Proxy>, sql: &str) -> Result<ResultSet, PgError> {
     let command = command::parse(sql).map_err(|e| PgError::error(sqlstate::SYNTAX_ERROR, e.0))?;
-    tracing::info!(?command, "admin command");
+    tracing::info!(command = sql.trim(), "admin command");
     match command {
         Command::Show(Show::Status) => Ok(status::show(proxy)),
         Command::Show(Show::Sessions) => Ok(sessions::show(proxy)),

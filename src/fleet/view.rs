@@ -192,7 +192,7 @@ fn react(fleet: &Arc<Fleet>, started: &mut BTreeSet<String>) {
         let (proxy, plan) = (proxy.clone(), plan.clone());
         tokio::spawn(async move {
             let report = crate::cutover::follow(&proxy, plan).await;
-            tracing::info!(outcome = report.outcome.as_str(), reason = ?report.reason, "fleet cutover: this member's part ended");
+            tracing::info!(outcome = report.outcome.as_str(), reason = report.reason.as_deref().unwrap_or(""), "fleet cutover: this member's part ended");
         });
     }
     for (id, board) in &view.census {
