@@ -30,6 +30,9 @@ pub struct Gate {
     /// active backend before it starts its next request (see `Relay`).
     route: AtomicU64,
     current: Mutex<Option<ActivePause>>,
+    /// When the last pause ended by itself at max_pause (cleared by the next pause):
+    /// a RESUME after it is a no-op that says so.
+    reopened_by_itself: Mutex<Option<std::time::SystemTime>>,
     stats: Mutex<GateStats>,
 }
 
@@ -142,6 +145,7 @@ impl Gate {
             epoch: AtomicU64::new(0),
             route: AtomicU64::new(1),
             current: Mutex::new(None),
+            reopened_by_itself: Mutex::new(None),
             stats: Mutex::new(GateStats {
                 pauses: 0,
                 max_pause_expired: 0,
@@ -228,13 +232,15 @@ impl Gate {
             return Err(PauseError::AlreadyPaused);
         }
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        *self.reopened_by_itself.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.closed.store(true, Ordering::SeqCst);
         self.open_tx.send_replace(false);
         let gate = self.clone();
         let watchdog = tokio::spawn(async move {
             tokio::time::sleep(max_pause).await;
             if gate.open_if(epoch) {
-                tracing::warn!(?max_pause, "max_pause reached: the gate reopened by itself");
+                *gate.reopened_by_itself.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::SystemTime::now());
+                tracing::warn!(max_pause = %humantime::format_duration(max_pause), "max_pause reached: the gate reopened by itself");
                 gate.with_stats(|s| s.max_pause_expired += 1);
             }
         });
@@ -268,6 +274,11 @@ impl Gate {
     /// The operator's RESUME: opens the gate unless a cutover owns the pause.
     pub fn resume(&self) -> Result<Duration, PauseError> {
         self.resume_as(Owner::Operator)
+    }
+
+    /// When the last pause ended by itself at max_pause, if no pause came since.
+    pub fn reopened_by_itself(&self) -> Option<std::time::SystemTime> {
+        *self.reopened_by_itself.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Opens the gate (held requests run) if `owner` may: a cutover resumes any

@@ -222,7 +222,8 @@ async fn max_pause_reopens_the_gate_by_itself() {
     assert_eq!(status(&st, "paused"), "false");
     let stats = proxy.admin("SHOW STATS").await.unwrap();
     assert_eq!(status(&stats, "max_pause_expired"), "1");
-    assert!(proxy.admin("RESUME").await.is_err(), "nothing left to resume");
+    let rows = proxy.admin("RESUME").await.expect("a RESUME after it is a no-op that says so");
+    assert_eq!(rows[0][0].as_deref(), Some("already open"), "nothing left to resume: {rows:?}");
 }
 
 #[tokio::test]
@@ -378,4 +379,38 @@ async fn a_held_insert_of_a_killed_psql_never_runs() {
     proxy.admin("RESUME").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(count(f, &db, "SELECT count(*) FROM t").await, 0, "the INSERT of a client that had left ran");
+}
+
+/// PAUSE without a duration waits for the drain up to drain_timeout (not
+/// max_pause), and says when the gate reopens by itself; a RESUME after the gate
+/// reopened by itself changes nothing and says so (it used to fail "not paused").
+#[tokio::test]
+async fn pause_bounds_its_drain_by_drain_timeout_and_says_when_the_gate_reopens_by_itself() {
+    let f = fixture();
+    let db = f.database("pause_bounds").await;
+    let proxy = f
+        .proxy(|c| {
+            c.cutover.drain_timeout = Duration::from_millis(200);
+            c.cutover.max_pause = Duration::from_millis(800);
+            c.cutover.on_drain_timeout = pgcutover::config::OnDrainTimeout::Abort;
+        })
+        .await;
+    let c = proxy.connect(&db).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let started = std::time::Instant::now();
+    let e = proxy.admin("PAUSE").await.expect_err("the open transaction is in the way");
+    assert!(e.message.contains("200ms"), "bounded by drain_timeout: {}", e.message);
+    assert!(started.elapsed() < Duration::from_millis(800), "{:?}", started.elapsed());
+    c.batch_execute("COMMIT").await.unwrap();
+
+    let rows = proxy.admin("PAUSE").await.unwrap();
+    assert!(rows[0][4].as_deref().is_some_and(|t| t.contains('T')), "says when the gate reopens by itself: {rows:?}");
+    assert!(common::eventually(10, || async { !proxy.proxy().gate().is_closed() }).await, "max_pause reopened the gate");
+    let rows = proxy.admin("RESUME").await.expect("RESUME after the gate reopened by itself is no error");
+    assert_eq!(rows[0][0].as_deref(), Some("already open"), "{rows:?}");
+    assert!(rows[0][2].as_deref().is_some_and(|n| n.contains("max_pause")), "{rows:?}");
+    assert!(proxy.admin("RESUME").await.unwrap()[0][0].as_deref() == Some("already open"));
+    proxy.admin("PAUSE 1s").await.unwrap();
+    proxy.admin("RESUME").await.unwrap();
+    assert!(proxy.admin("RESUME").await.is_err(), "after an operator's RESUME a second one is refused, as before");
 }
