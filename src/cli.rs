@@ -133,19 +133,39 @@ pub async fn admin_command(config_path: &Path, command: &str) -> anyhow::Result<
         .collect())
 }
 
+/// A console value as JSON of its own type: a boolean, a number, null for nothing
+/// (NULL or empty), an embedded JSON document as itself, else a string.
+fn typed(v: Option<&str>) -> serde_json::Value {
+    use serde_json::Value;
+    let Some(v) = v.filter(|v| !v.is_empty()) else { return Value::Null };
+    match v {
+        "true" => return Value::Bool(true),
+        "false" => return Value::Bool(false),
+        _ => {}
+    }
+    if let Ok(n) = v.parse::<i64>() {
+        return Value::from(n);
+    }
+    if let Some(n) = v.parse::<f64>().ok().filter(|n| n.is_finite()).and_then(serde_json::Number::from_f64) {
+        return Value::Number(n);
+    }
+    if v.starts_with('{') || v.starts_with('[') {
+        if let Ok(doc) = serde_json::from_str(v) {
+            return doc;
+        }
+    }
+    Value::String(v.to_string())
+}
+
 /// Prints rows for a person, or as JSON. Two-column `name | value` answers become one
 /// object / one aligned block.
 pub fn print_rows(rows: &[Row], json: bool) {
     let key_value = rows.first().is_some_and(|r| r.len() == 2 && r[0].0 == "name" && r[1].0 == "value");
     if json {
         let value = if key_value {
-            serde_json::Value::Object(rows.iter().map(|r| (r[0].1.clone().unwrap_or_default(), r[1].1.clone().map_or(serde_json::Value::Null, serde_json::Value::String))).collect())
+            serde_json::Value::Object(rows.iter().map(|r| (r[0].1.clone().unwrap_or_default(), typed(r[1].1.as_deref()))).collect())
         } else {
-            serde_json::Value::Array(
-                rows.iter()
-                    .map(|r| serde_json::Value::Object(r.iter().map(|(k, v)| (k.clone(), v.clone().map_or(serde_json::Value::Null, serde_json::Value::String))).collect()))
-                    .collect(),
-            )
+            serde_json::Value::Array(rows.iter().map(|r| serde_json::Value::Object(r.iter().map(|(k, v)| (k.clone(), typed(v.as_deref()))).collect())).collect())
         };
         println!("{value}");
         return;
@@ -158,5 +178,23 @@ pub fn print_rows(rows: &[Row], json: bool) {
             let line: Vec<String> = r.iter().map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or(""))).collect();
             println!("{}", line.join("  "));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `status --json` gave every value as a string (`"paused":"false"`,
+    /// `"paused_for_ms":""`): values keep their JSON types.
+    #[test]
+    fn console_values_become_json_of_their_own_type() {
+        use serde_json::json;
+        assert_eq!(super::typed(Some("false")), json!(false));
+        assert_eq!(super::typed(Some("")), json!(null));
+        assert_eq!(super::typed(None), json!(null));
+        assert_eq!(super::typed(Some("42")), json!(42));
+        assert_eq!(super::typed(Some("12.500")), json!(12.5));
+        assert_eq!(super::typed(Some("blue")), json!("blue"));
+        assert_eq!(super::typed(Some("{\"a\":1}")), json!({"a": 1}));
+        assert_eq!(super::typed(Some("0.1.0")), json!("0.1.0"));
     }
 }

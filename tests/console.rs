@@ -52,7 +52,7 @@ async fn the_cli_pauses_resumes_and_reports_and_fails_with_a_reason() {
     let (ok, out, _) = s.cli(&["status", "--json"]).await;
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(v["paused"], "true");
+    assert_eq!(v["paused"], true, "values keep their JSON types: {v}");
     assert_eq!(v["active_backend"], "blue");
     let (ok, out, _) = s.cli(&["status"]).await;
     assert!(ok && out.contains("paused") && out.contains("true"), "{out}");

@@ -72,7 +72,8 @@ async fn census_check(m: &Served) -> String {
 async fn status(m: &Served) -> std::collections::HashMap<String, String> {
     let (ok, out, err) = m.cli(&["status", "--json"]).await;
     assert!(ok, "{out}{err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    let v: std::collections::HashMap<String, serde_json::Value> = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v.into_iter().map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect()
 }
 
 async fn active(m: &Served) -> String {
