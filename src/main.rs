@@ -139,7 +139,8 @@ async fn console(config: &std::path::Path, command: &str, json: bool) -> anyhow:
 
 /// CUTOVER and CHECK: print the answer; succeed only on a committed cutover or a
 /// preflight with nothing blocking.
-async fn cutover(config: &std::path::Path, verb: &str, a: CutoverArgs) -> anyhow::Result<()> {
+async fn cutover(verb: &str, a: CheckArgs, rehearse: bool) -> anyhow::Result<()> {
+    let config = a.config.as_path();
     let mut command = verb.to_string();
     if let Some(to) = a.to {
         command.push_str(&format!(" \"{}\"", to.replace('"', "\"\"")));
@@ -147,7 +148,7 @@ async fn cutover(config: &std::path::Path, verb: &str, a: CutoverArgs) -> anyhow
     if a.force {
         command.push_str(" FORCE");
     }
-    if a.rehearse {
+    if rehearse {
         if verb != "CUTOVER" {
             anyhow::bail!("--rehearse is for cutover");
         }
@@ -165,7 +166,7 @@ async fn cutover(config: &std::path::Path, verb: &str, a: CutoverArgs) -> anyhow
         }
         match value("outcome").as_deref() {
             Some("committed") => Ok(()),
-            Some("rehearsed") if a.rehearse => Ok(()),
+            Some("rehearsed") if rehearse => Ok(()),
             other => anyhow::bail!("cutover {}: {}", other.unwrap_or("failed"), value("reason").unwrap_or_default()),
         }
     } else {
@@ -198,15 +199,16 @@ async fn cleanup(config: &std::path::Path, dry_run: bool, json: bool) -> anyhow:
     Ok(())
 }
 
+/// What CHECK and CUTOVER share.
 #[derive(clap::Args)]
 struct CheckArgs {
     /// The proxy's configuration (its admin socket).
     #[arg(long, short, default_value = "proxy.toml")]
     config: PathBuf,
-    /// The backend a cutover would move to (default: [cutover] target).
+    /// The backend to move to (default: [cutover] target).
     #[arg(long)]
     to: Option<String>,
-    /// Report the checks that do not guard data, but do not count them as failures.
+    /// Let the preflight checks that do not guard data pass (they are reported).
     #[arg(long)]
     force: bool,
     /// Print the answer as JSON.
@@ -216,22 +218,12 @@ struct CheckArgs {
 
 #[derive(clap::Args)]
 struct CutoverArgs {
-    /// The proxy's configuration (its admin socket).
-    #[arg(long, short, default_value = "proxy.toml")]
-    config: PathBuf,
-    /// The backend to move to.
-    #[arg(long)]
-    to: Option<String>,
-    /// Skip the preflight checks that do not guard data.
-    #[arg(long)]
-    force: bool,
+    #[command(flatten)]
+    check: CheckArgs,
     /// Run every phase up to the point of no return, then roll back on purpose and
-    /// report what the real cutover would have cost (cutover only).
+    /// report what the real cutover would have cost.
     #[arg(long)]
     rehearse: bool,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Logs go to stderr, or to `file` (the demo: its terminal shows only the report).
@@ -277,8 +269,8 @@ fn main() -> ExitCode {
             }
             Command::Resume { config, json } => console(&config, "RESUME", json).await,
             Command::Status { config, json } => console(&config, "SHOW STATUS", json).await,
-            Command::Cutover(a) => cutover(&a.config.clone(), "CUTOVER", a).await,
-            Command::Check(a) => cutover(&a.config.clone(), "CHECK", CutoverArgs { config: a.config, to: a.to, force: a.force, rehearse: false, json: a.json }).await,
+            Command::Cutover(a) => cutover("CUTOVER", a.check, a.rehearse).await,
+            Command::Check(a) => cutover("CHECK", a, false).await,
             Command::Cleanup { config, dry_run, json } => cleanup(&config, dry_run, json).await,
             Command::Demo { seconds, plot, log, rehearse, fleet } => pgcutover::demo::run(std::time::Duration::from_secs(seconds), &plot, &log, rehearse, fleet).await,
             Command::Loadtest { url, also_url, clients, duration, mode, workload, cutover_at, config, rehearse, init, json, plot } => {

@@ -68,13 +68,7 @@ async fn a_cutover_and_back_with_reverse_replication_keeps_every_write_exactly_o
     let _serial = serial().await;
     let f = fixture();
     let db = "sf_back";
-    bench_database(f, db).await;
-    let proxy = f
-        .proxy(|c| {
-            c.cutover.databases = vec![db.into()];
-            c.cutover.reverse_replication = true;
-        })
-        .await;
+    let proxy = bench_with_the_way_back(f, db).await;
 
     // There, under load.
     let there = async {
@@ -126,6 +120,16 @@ async fn a_cutover_and_back_with_reverse_replication_keeps_every_write_exactly_o
         common::eventually(30, || async { green.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get::<_, i64>(0) == first + second }).await,
         "the writes on blue did not flow to green"
     );
+}
+
+/// pgbench's tables in `db`, and a proxy that makes the way back at each cutover.
+async fn bench_with_the_way_back(f: &common::Fixture, db: &str) -> common::TestProxy {
+    bench_database(f, db).await;
+    f.proxy(|c| {
+        c.cutover.databases = vec![db.into()];
+        c.cutover.reverse_replication = true;
+    })
+    .await
 }
 
 /// A replicated table `t` in `db`, and a proxy that makes the way back at each cutover.
@@ -189,13 +193,7 @@ async fn four_cutovers_back_and_forth_under_load_all_commit_and_leave_no_idle_sl
     let _serial = serial().await;
     let f = fixture();
     let db = "sf_four";
-    bench_database(f, db).await;
-    let proxy = f
-        .proxy(|c| {
-            c.cutover.databases = vec![db.into()];
-            c.cutover.reverse_replication = true;
-        })
-        .await;
+    let proxy = bench_with_the_way_back(f, db).await;
     let mut committed = 0;
     for (i, to) in ["green", "blue", "green", "blue"].into_iter().enumerate() {
         let switch = async {
@@ -203,7 +201,11 @@ async fn four_cutovers_back_and_forth_under_load_all_commit_and_leave_no_idle_sl
             cutover(&proxy, to).await
         };
         let ((processed, _), report) = tokio::join!(pgbench(proxy.port(), db, "prepared", 8, 3), switch);
-        assert_eq!(report["outcome"], "committed", "cutover {} to {to}: {report:#?}", i + 1);
+        if report["outcome"] != "committed" {
+            // What the servers said, to tell a flake from a defect.
+            let errors = |c: &pgcutover::cluster::Cluster| std::fs::read_to_string(c.log_path()).unwrap_or_default().lines().filter(|l| l.contains("ERROR") || l.contains("FATAL")).map(str::to_owned).collect::<Vec<_>>().join("\n");
+            panic!("cutover {} to {to}: {report:#?}\nblue:\n{}\ngreen:\n{}", i + 1, errors(f.blue()), errors(f.green()));
+        }
         committed += processed;
         // The way back streams before the next switch.
         let back = if to == "green" { f.blue() } else { f.green() };

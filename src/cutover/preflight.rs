@@ -298,13 +298,29 @@ pub async fn check_database(
     // pg_stat_subscription_stats exists from PostgreSQL 15 on.
     let version: i32 = dst.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.get(0);
     if version >= 150000 {
+        // The counts only grow (resetting them needs a superuser): an error a
+        // worker has since recovered from (a retry at its start, a restart of the
+        // publisher) is a note; the catch-up still waits for everything to be
+        // applied. Errors of a subscription whose worker is not running refuse.
         let errors = dst
             .query(
-                "SELECT subname::text || ': ' || apply_error_count || ' apply, ' || sync_error_count || ' sync errors' FROM pg_stat_subscription_stats WHERE subid = ANY($1) AND (apply_error_count > 0 OR sync_error_count > 0)",
+                "SELECT e.subname::text || ': ' || e.apply_error_count || ' apply, ' || e.sync_error_count || ' sync errors', \
+                        EXISTS (SELECT 1 FROM pg_stat_subscription w WHERE w.subid = e.subid AND w.relid IS NULL AND w.pid IS NOT NULL) \
+                 FROM pg_stat_subscription_stats e WHERE e.subid = ANY($1) AND (e.apply_error_count > 0 OR e.sync_error_count > 0)",
                 &[&oids],
             )
             .await?;
-        checks.push(Check::new(format!("{db}: no replication errors"), true, list(errors)));
+        let (recovered, failing): (Vec<_>, Vec<_>) = errors.iter().partition(|r| r.get::<_, bool>(1));
+        let names = |rows: &[&tokio_postgres::Row]| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join(", ");
+        checks.push(Check::new(format!("{db}: no replication errors"), true, (!failing.is_empty()).then(|| format!("{} (no worker running: see the target's server log)", names(&failing)))));
+        if !recovered.is_empty() {
+            checks.push(Check {
+                name: format!("{db}: replication errors since the statistics were reset"),
+                ok: true,
+                guards_data: false,
+                detail: format!("note: {}: their workers run again now (the server log says what happened; pg_stat_reset_subscription_stats clears the counts)", names(&recovered)),
+            });
+        }
     } else {
         checks.push(not_checked(format!("{db}: no replication errors"), "the target's PostgreSQL before 15 counts no replication errors (pg_stat_subscription_stats); its server log has them"));
     }
