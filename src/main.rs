@@ -189,7 +189,7 @@ async fn cleanup(config: &std::path::Path, dry_run: bool, json: bool) -> anyhow:
     } else {
         for l in &found {
             let retains = l.retains.as_deref().map(|r| format!(", retains {r} of WAL")).unwrap_or_default();
-            println!("{:<12} {:<8} {:<12} {:<40} {}{retains}", l.outcome, l.backend, l.kind, format!("{}.{}", l.database, l.name), l.why);
+            println!("{:<12} {:<8} {:<12} {:<40} {}{retains}", l.outcome, l.backend, l.kind.as_str(), format!("{}.{}", l.database, l.name), l.why);
         }
     }
     let failed = found.iter().filter(|l| l.outcome.starts_with("not dropped")).count();

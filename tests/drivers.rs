@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{cut, fixture, Raw, RawMessage};
 use pgcutover::config::{AuthMethod, Config, OnDrainTimeout};
@@ -101,13 +101,11 @@ async fn a_cancel_of_a_held_request_answers_it_57014_and_it_never_runs() {
     for request in [common_query("INSERT INTO t VALUES (1)"), extended("INSERT INTO t VALUES (2)")] {
         raw.send(&request).await;
         assert!(common::eventually(5, held).await, "the request is held");
-        let started = Instant::now();
         cancel(proxy.port(), key).await;
         let reply = raw.until_ready().await;
         assert_eq!(tags(&reply), "EZ", "answered at once while the gate is closed");
         assert_eq!(error_of(&reply), Some(("57014".into(), "canceling statement due to user request".into())));
         assert_eq!(&reply[1].body[..], b"I");
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         assert!(!held().await, "nothing is held any more");
     }
     // The next request holds as usual and runs at RESUME.

@@ -397,10 +397,9 @@ async fn pause_bounds_its_drain_by_drain_timeout_and_says_when_the_gate_reopens_
         .await;
     let c = proxy.connect(&db).await;
     c.batch_execute("BEGIN").await.unwrap();
-    let started = std::time::Instant::now();
+    // Bounded by max_pause instead, it would fail as "max_pause (800ms) reached".
     let e = proxy.admin("PAUSE").await.expect_err("the open transaction is in the way");
-    assert!(e.message.contains("200ms"), "bounded by drain_timeout: {}", e.message);
-    assert!(started.elapsed() < Duration::from_millis(800), "{:?}", started.elapsed());
+    assert!(e.message.contains("drain did not finish within 200ms"), "bounded by drain_timeout: {}", e.message);
     c.batch_execute("COMMIT").await.unwrap();
 
     let rows = proxy.admin("PAUSE").await.unwrap();

@@ -264,7 +264,7 @@ async fn cleanup_lists_then_drops_the_leftovers_and_keeps_the_live_way_back() {
     let config = proxy.proxy().config();
     let here = |all: Vec<pgcutover::cutover::cleanup::Leftover>| all.into_iter().filter(|l| l.database == db).collect::<Vec<_>>();
     let listed = here(pgcutover::cutover::cleanup::run(&config, true).await.unwrap());
-    let mut names: Vec<(String, &str, String)> = listed.iter().map(|l| (l.backend.clone(), l.kind, l.name.clone())).collect();
+    let mut names: Vec<(String, &str, String)> = listed.iter().map(|l| (l.backend.clone(), l.kind.as_str(), l.name.clone())).collect();
     names.sort();
     assert_eq!(
         names,

@@ -26,13 +26,31 @@ use crate::session::migrate::quote_ident;
 
 const PREFIX: &str = "pgcutover_back_";
 
+/// What a leftover is, in the order cleanup drops them (subscriptions hold slots).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Subscription,
+    Slot,
+    Publication,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Subscription => "subscription",
+            Kind::Slot => "slot",
+            Kind::Publication => "publication",
+        }
+    }
+}
+
 /// One thing cleanup removes (or would).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Leftover {
     pub backend: String,
     pub database: String,
-    /// "subscription", "slot" or "publication".
-    pub kind: &'static str,
+    pub kind: Kind,
     pub name: String,
     /// Why it is not needed.
     pub why: String,
@@ -99,7 +117,7 @@ async fn look(name: &str, b: &crate::config::BackendConfig) -> anyhow::Result<Se
 /// What cleanup would remove, from what every backend holds.
 fn leftovers(seen: &[Seen]) -> Vec<Leftover> {
     let mut out = Vec::new();
-    let item = |s: &Seen, database: &str, kind: &'static str, name: &str, why: String, retains: Option<String>| Leftover {
+    let item = |s: &Seen, database: &str, kind: Kind, name: &str, why: String, retains: Option<String>| Leftover {
         backend: s.backend.clone(),
         database: database.to_string(),
         kind,
@@ -123,7 +141,7 @@ fn leftovers(seen: &[Seen]) -> Vec<Leftover> {
                 continue;
             }
             let why = if ours { "the way back of an earlier cutover, disabled".to_string() } else { "disabled by a cutover: the forward subscription of an earlier direction".to_string() };
-            out.push(item(s, &sub.database, "subscription", &sub.name, why, None));
+            out.push(item(s, &sub.database, Kind::Subscription, &sub.name, why, None));
             if let (Some(slot), Some(o)) = (&sub.slot, slot_elsewhere) {
                 doomed_slots.insert((o.backend.clone(), slot.clone()));
             }
@@ -135,7 +153,7 @@ fn leftovers(seen: &[Seen]) -> Vec<Leftover> {
             let idle_ours = slot.name.starts_with(PREFIX) && !slot.active && !read.contains(slot.name.as_str());
             if doomed || idle_ours {
                 let why = if doomed { "the slot of a subscription cleanup drops" } else { "the way back's slot of an earlier cutover, read by no subscription" };
-                out.push(item(s, &slot.database, "slot", &slot.name, why.to_string(), slot.retains.clone()));
+                out.push(item(s, &slot.database, Kind::Slot, &slot.name, why.to_string(), slot.retains.clone()));
             }
         }
         for (db, publication) in &s.publications {
@@ -145,7 +163,7 @@ fn leftovers(seen: &[Seen]) -> Vec<Leftover> {
                 .flat_map(|o| o.subs.iter())
                 .any(|x| x.database == *db && x.enabled && x.publications.iter().any(|p| p == publication));
             if !read_elsewhere {
-                out.push(item(s, db, "publication", publication, "the way back's publication of an earlier cutover, read by no subscription".to_string(), None));
+                out.push(item(s, db, Kind::Publication, publication, "the way back's publication of an earlier cutover, read by no subscription".to_string(), None));
             }
         }
     }
@@ -155,15 +173,10 @@ fn leftovers(seen: &[Seen]) -> Vec<Leftover> {
 async fn drop_one(c: &Client, l: &Leftover) -> Result<(), tokio_postgres::Error> {
     c.batch_execute("SET default_transaction_read_only = off").await?;
     match l.kind {
-        "subscription" => {
-            let n = quote_ident(&l.name);
-            // Its slot is dropped on its own backend (it may be gone or unreachable).
-            c.batch_execute(&format!("ALTER SUBSCRIPTION {n} DISABLE")).await?;
-            c.batch_execute(&format!("ALTER SUBSCRIPTION {n} SET (slot_name = NONE)")).await?;
-            c.batch_execute(&format!("DROP SUBSCRIPTION {n}")).await
-        }
-        "slot" => c.query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", &[&l.name]).await.map(drop),
-        _ => c.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&l.name))).await,
+        // Its slot is dropped on its own backend (it may be gone or unreachable).
+        Kind::Subscription => super::reverse::drop_subscription(c, &l.name).await,
+        Kind::Slot => c.query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", &[&l.name]).await.map(drop),
+        Kind::Publication => c.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(&l.name))).await,
     }
 }
 
@@ -175,12 +188,7 @@ pub async fn run(config: &Config, dry_run: bool) -> anyhow::Result<Vec<Leftover>
         seen.push(look(name, b).await.map_err(|e| anyhow::anyhow!("backend {name}: {e:#}"))?);
     }
     let mut found = leftovers(&seen);
-    let order = |k: &str| match k {
-        "subscription" => 0,
-        "slot" => 1,
-        _ => 2,
-    };
-    found.sort_by_key(|l| order(l.kind));
+    found.sort_by_key(|l| l.kind);
     for l in &mut found {
         if dry_run {
             l.outcome = "would drop".into();

@@ -174,6 +174,15 @@ pub async fn subscribe(src: &Client, r: &Reverse, conninfo: &str) -> Result<(), 
     Ok(())
 }
 
+/// Drops a subscription here without touching its slot (which lives elsewhere, and
+/// may be unreachable): disabled, its slot detached, then dropped.
+pub async fn drop_subscription(c: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    let name = quote_ident(name);
+    c.batch_execute(&format!("ALTER SUBSCRIPTION {name} DISABLE")).await?;
+    c.batch_execute(&format!("ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")).await?;
+    c.batch_execute(&format!("DROP SUBSCRIPTION {name}")).await
+}
+
 /// Drops a forward subscription that a committed cutover disabled: on the new
 /// active backend `dst` (its slot detached first, so that the drop does not need
 /// the old source), then on the old source `src` its slot — retried while the
@@ -183,9 +192,7 @@ pub async fn drop_forward(src: &Client, dst: &Client, sub: &super::catchup::Subs
     let name = quote_ident(&sub.name);
     let local = async {
         dst.batch_execute("SET default_transaction_read_only = off").await?;
-        dst.batch_execute(&format!("ALTER SUBSCRIPTION {name} DISABLE")).await?;
-        dst.batch_execute(&format!("ALTER SUBSCRIPTION {name} SET (slot_name = NONE)")).await?;
-        dst.batch_execute(&format!("DROP SUBSCRIPTION {name}")).await
+        drop_subscription(dst, &sub.name).await
     };
     local.await.map_err(|e| super::control::describe(&e))?;
     // The way back of an earlier cutover read a publication of its own name there.
